@@ -1,0 +1,62 @@
+"""The integrator seam: what every modality integrator receives, returns, and how it reaches the LLM.
+
+Two placements exist (see DESIGN.md):
+- "prefix": the integrator turns encoder features into visual tokens that replace each `<image>`
+  placeholder in the LLM's input embeddings (linear, MLP, Q-Former, resampler, C-Abstractor, pooling).
+- "in_llm": the integrator adds modules inside the LLM's layers (gated cross-attention, adapters,
+  zero-init prompts). It is `attach`ed to the LLM once, and before every LLM call it is given the
+  visual features of the batch through `set_visual_context`. It may still emit a few prefix tokens
+  (e.g. one media marker per image) through `forward`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class IntegratorContext:
+    """Facts about the neighbours an integrator is built for."""
+
+    vision_dim: int
+    """Width D_v of the encoder features."""
+    num_input_tokens: int
+    """N: encoder tokens per image (patches, plus CLS when kept)."""
+    grid: tuple[int, int]
+    """(h, w) of the patch tokens; with a CLS token it comes first and is not part of the grid."""
+    has_cls: bool
+    llm_hidden: int
+    """Width of the LLM's input embeddings."""
+    llm_config: object | None = None
+    """The LLM's transformers config, for in-LLM integrators that need layer counts and heads."""
+
+
+class Integrator(nn.Module):
+    """Base class. Subclasses define `forward(features) -> (B, T, llm_hidden)` and `num_tokens`."""
+
+    placement: str = "prefix"
+
+    def __init__(self, context: IntegratorContext):
+        super().__init__()
+        self.context = context
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens each `<image>` placeholder expands to."""
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- in-LLM seam (no-ops for prefix integrators)
+    def attach(self, llm: nn.Module) -> None:
+        """Insert modules into the LLM's layers. Called once, after the LLM is loaded."""
+
+    def set_visual_context(self, features: torch.Tensor | None, image_to_sample: torch.Tensor | None) -> None:
+        """Give in-LLM modules the (num_images, N, D_v) features and the sample each image belongs to."""
+
+    def llm_parameters(self) -> list[nn.Parameter]:
+        """Parameters this integrator placed inside the LLM (saved and trained with the integrator)."""
+        return []

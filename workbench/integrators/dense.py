@@ -1,0 +1,58 @@
+"""Dense projectors: every encoder token becomes one LLM token (LLaVA's linear, LLaVA-1.5's MLP)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import INTEGRATORS
+from .base import Integrator, IntegratorContext
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class _TokenProjector(Integrator):
+    def __init__(self, context: IntegratorContext, input_norm: bool):
+        super().__init__(context)
+        # CNN features are unnormalised (post-ReLU6 for MobileNetV2); a LayerNorm in front steadies training.
+        self.norm = nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.context.num_input_tokens
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features))
+
+
+@INTEGRATORS.register("linear", family="dense projector", follows="LLaVA (Liu et al., 2023)",
+                      paradigms=["single-stage", "two-stage"], placement="prefix",
+                      description="One linear map per visual token")
+class LinearProjector(_TokenProjector):
+    def __init__(self, context: IntegratorContext, input_norm: bool = False):
+        super().__init__(context, input_norm)
+        self.proj = nn.Linear(context.vision_dim, context.llm_hidden)
+
+
+@INTEGRATORS.register("mlp", family="dense projector", follows="LLaVA-1.5 (Liu et al., 2024)",
+                      paradigms=["single-stage", "two-stage", "direct"], placement="prefix",
+                      description="MLP with GELU per visual token (depth 2 = LLaVA-1.5's mlp2x_gelu)")
+class MLPProjector(_TokenProjector):
+    def __init__(self, context: IntegratorContext, depth: int = 2, hidden_dim: int | None = None,
+                 activation: str = "gelu", input_norm: bool = False, dropout: float = 0.0):
+        super().__init__(context, input_norm)
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}")
+        hidden = hidden_dim or context.llm_hidden
+        layers: list[nn.Module] = []
+        width = context.vision_dim
+        for i in range(depth):
+            last = i == depth - 1
+            layers.append(nn.Linear(width, context.llm_hidden if last else hidden))
+            if not last:
+                layers.append(_ACTIVATIONS[activation]())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
+            width = hidden
+        self.proj = nn.Sequential(*layers)

@@ -1,0 +1,394 @@
+"""`VisionLanguageModel`: image → encoder → integrator → LLM. The one API every front end drives.
+
+Inputs are conversations with `<image>` placeholders; each placeholder is expanded into the
+integrator's visual tokens inside the LLM's input embeddings. A saved model is one directory:
+config.yaml, the trained parts as safetensors, a manifest — and references to frozen base parts.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .config import ModelConfig, load_model_config, model_config_from_dict, save_model_config, to_dict
+from .data.prompting import IGNORE_INDEX, IMAGE_TOKEN_INDEX, EncodedConversation, PromptFormatter
+from .encoders import VisionEncoder, build_encoder
+from .errors import ConfigError
+from .images import ImageSource, load_image
+from .integrators import Integrator, IntegratorContext, build_integrator
+from .llm import load_llm, resolve_device
+
+FORMAT_NAME = "workbench-vlm"
+FORMAT_VERSION = 1
+
+Conversation = Sequence[dict[str, str]]
+
+
+@dataclass
+class MultimodalInputs:
+    """What the LLM receives after visual tokens are spliced in."""
+
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None  # (B, L) with IGNORE_INDEX outside answers
+    image_spans: list[list[tuple[int, int]]]  # per sample: (start, length) of each image's tokens
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, encoder: VisionEncoder, integrator: Integrator, llm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.integrator = integrator
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.formatter = PromptFormatter(tokenizer, config.image_token)
+        integrator.attach(llm)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict | str | Path, device: str | torch.device | None = None):
+        """Build from specs: base weights from their sources, a freshly initialised integrator."""
+        if isinstance(config, (str, Path)):
+            config = load_model_config(config)
+        elif isinstance(config, dict):
+            config = model_config_from_dict(config)
+        config = replace(config).validate()
+        dev = torch.device(device) if device is not None else resolve_device(config.llm.device)
+        llm, tokenizer = load_llm(config.llm, dev)
+        encoder = build_encoder(config.encoder)
+        llm_dtype = next(llm.parameters()).dtype
+        encoder.to(device=dev, dtype=llm_dtype if encoder.frozen else torch.float32)
+        context = IntegratorContext(
+            vision_dim=encoder.feature_dim, num_input_tokens=encoder.num_tokens, grid=encoder.grid,
+            has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
+        )
+        integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
+        return cls(config, encoder, integrator, llm, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None):
+        """Load a directory written by `save_pretrained`: rebuild from config, then load the trained parts."""
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path} is not a saved workbench model (no config.yaml)")
+        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+        if manifest.get("format", FORMAT_NAME) != FORMAT_NAME or manifest.get("version", 1) > FORMAT_VERSION:
+            raise ConfigError(f"{path} holds format {manifest.get('format')} v{manifest.get('version')}, "
+                              f"which this workbench cannot read")
+        model = cls.from_config(load_model_config(path / "config.yaml"), device=device)
+        dev = model.device
+        for part, module in model._parts().items():
+            file = path / f"{part}.safetensors"
+            if file.is_file():
+                missing, unexpected = load_model(module, str(file), strict=False, device=str(dev))
+                if missing or unexpected:
+                    raise ConfigError(f"{file} does not match the {part} built from config.yaml: "
+                                      f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config + every trained part (integrator always; encoder/LLM when unfrozen) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.config.encoder.frozen = self.encoder.frozen
+        self.config.llm.frozen = not any(p.requires_grad for p in self._llm_own_parameters())
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            save_model_config(self.config, tmp / "config.yaml")
+            files = {}
+            for part, module in self._parts().items():
+                trained = part == "integrator" or not getattr(self.config, part).frozen
+                if trained:
+                    save_model(module, str(tmp / f"{part}.safetensors"))
+                    files[part] = f"{part}.safetensors"
+            manifest = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": files, "base": {"encoder": to_dict(self.config.encoder), "llm": to_dict(self.config.llm)},
+                "parameters": self.parameter_report(),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{time.time_ns()}")
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def _parts(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "integrator": self.integrator, "llm": self.llm}
+
+    def _llm_own_parameters(self) -> list[nn.Parameter]:
+        inside = {id(p) for p in self.integrator.llm_parameters()}
+        return [p for p in self.llm.parameters() if id(p) not in inside]
+
+    # ------------------------------------------------------------------ properties and trainability
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens each image occupies in the LLM's sequence."""
+        return self.integrator.num_tokens
+
+    def set_trainable(self, encoder: bool | None = None, integrator: bool | None = None, llm: bool | None = None):
+        """Freeze or unfreeze whole parts (paradigm stages call this); the config records it for saving."""
+        if encoder is not None:
+            self.encoder.freeze(not encoder)
+            self.config.encoder.frozen = not encoder
+        if integrator is not None:
+            for p in self.integrator.parameters():
+                p.requires_grad_(integrator)
+        if llm is not None:
+            for p in self._llm_own_parameters():
+                p.requires_grad_(llm)
+            self.config.llm.frozen = not llm
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.llm.frozen and not self.integrator.llm_parameters():
+            self.llm.eval()  # a frozen LLM behaves as at inference (no dropout)
+        return self
+
+    def parameter_report(self) -> list[dict[str, Any]]:
+        """Rows of component, total, trainable, trainable % of the component, and share % of the whole."""
+        inside = {id(p) for p in self.integrator.llm_parameters()}
+        groups = {
+            "encoder": list(self.encoder.parameters()),
+            "integrator": list(self.integrator.parameters()) + self.integrator.llm_parameters(),
+            "llm": [p for p in self.llm.parameters() if id(p) not in inside],
+        }
+        rows = []
+        grand = sum(p.numel() for ps in groups.values() for p in _unique(ps))
+        for name, params in groups.items():
+            params = _unique(params)
+            total = sum(p.numel() for p in params)
+            trainable = sum(p.numel() for p in params if p.requires_grad)
+            rows.append({"component": name, "total": total, "trainable": trainable,
+                         "trainable_pct": 100.0 * trainable / total if total else 0.0,
+                         "share_pct": 100.0 * total / grand if grand else 0.0})
+        total = sum(r["total"] for r in rows)
+        trainable = sum(r["trainable"] for r in rows)
+        rows.append({"component": "total", "total": total, "trainable": trainable,
+                     "trainable_pct": 100.0 * trainable / total if total else 0.0, "share_pct": 100.0})
+        return rows
+
+    # ------------------------------------------------------------------ inputs
+    def encode_conversation(self, messages: Conversation, num_images: int,
+                            add_generation_prompt: bool = False) -> EncodedConversation:
+        encoded = self.formatter.encode(messages, add_generation_prompt=add_generation_prompt, num_images=num_images)
+        length = len(encoded.input_ids) + num_images * (self.num_visual_tokens - 1)
+        if length > self.config.max_length:
+            raise ConfigError(f"The conversation is {length} tokens with its images; max_length is "
+                              f"{self.config.max_length}")
+        return encoded
+
+    def pixel_values(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Load (safely) and preprocess images into the encoder's input tensor."""
+        return self.encoder.preprocess([load_image(im) for im in images])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(M, 3, S, S) → encoder features (M, N, D_v)."""
+        return self.encoder(pixel_values.to(self.device))
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (possibly from a cache) → (M, T, H) tokens in the LLM's dtype."""
+        w = next(self.integrator.parameters(), None)
+        features = features.to(self.device, dtype=w.dtype if w is not None else features.dtype)
+        return self.integrator(features).to(self.dtype)
+
+    def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None,
+               labels: torch.Tensor | None = None, padding_side: str = "right") -> MultimodalInputs:
+        """Replace each IMAGE_TOKEN_INDEX in the padded ids with its image's visual tokens, and re-pad."""
+        embed = self.llm.get_input_embeddings()
+        rows, label_rows, spans = [], [], []
+        k = 0
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            ids = input_ids[b][keep].to(self.device)
+            lab = labels[b][keep].to(self.device) if labels is not None else None
+            text = embed(ids.clamp(min=0))
+            parts, lparts, sample_spans = [], [], []
+            pos = length = 0
+            for s in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+                if visual is None or k >= visual.shape[0]:
+                    raise ConfigError("More image placeholders in the batch than images given")
+                parts += [text[pos:s], visual[k]]
+                if lab is not None:
+                    lparts += [lab[pos:s], lab.new_full((visual.shape[1],), IGNORE_INDEX)]
+                length += s - pos
+                sample_spans.append((length, visual.shape[1]))
+                length += visual.shape[1]
+                pos, k = s + 1, k + 1
+            parts.append(text[pos:])
+            if lab is not None:
+                lparts.append(lab[pos:])
+            rows.append(torch.cat(parts))
+            label_rows.append(torch.cat(lparts) if lab is not None else None)
+            spans.append(sample_spans)
+        if visual is not None and k != visual.shape[0]:
+            raise ConfigError(f"{visual.shape[0]} images were given for {k} image placeholders in the batch")
+        width = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[1]
+        B = len(rows)
+        embeds = rows[0].new_zeros(B, width, hidden)
+        mask = torch.zeros(B, width, dtype=torch.long, device=self.device)
+        out_labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long, device=self.device) if labels is not None else None
+        for b, row in enumerate(rows):
+            n = row.shape[0]
+            sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+            embeds[b, sl] = row
+            mask[b, sl] = 1
+            if out_labels is not None:
+                out_labels[b, sl] = label_rows[b]
+            if padding_side == "left":
+                spans[b] = [(s + width - n, t) for s, t in spans[b]]
+        return MultimodalInputs(embeds, mask, out_labels, spans)
+
+    def collate(self, encoded: Sequence[EncodedConversation]) -> dict[str, torch.Tensor]:
+        """Pad token-level encodings (sentinels still in place) into tensors."""
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    # ------------------------------------------------------------------ forward (training)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                image_to_sample: torch.Tensor | None = None, **llm_kwargs):
+        """Loss/logits for a padded batch. Give `pixel_values` or precomputed `image_features` (cache)."""
+        features = image_features
+        if features is None and pixel_values is not None:
+            features = self.encode_images(pixel_values)
+        visual = self.visual_tokens(features) if features is not None else None
+        inputs = self.splice(input_ids, attention_mask, visual, labels)
+        self.integrator.set_visual_context(features, image_to_sample)
+        try:
+            return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                            labels=inputs.labels, **llm_kwargs)
+        finally:
+            self.integrator.set_visual_context(None, None)
+
+    def prepare_batch(self, conversations: Sequence[Conversation], images: Sequence[Sequence[ImageSource]],
+                      add_generation_prompt: bool = False) -> dict[str, torch.Tensor]:
+        """Conversations + their images → the tensors `forward` takes (images checked against placeholders)."""
+        if len(conversations) != len(images):
+            raise ConfigError(f"{len(conversations)} conversations but {len(images)} image lists")
+        encoded = [self.encode_conversation(c, len(ims), add_generation_prompt) for c, ims in zip(conversations, images)]
+        batch = self.collate(encoded)
+        flat = [im for ims in images for im in ims]
+        if flat:
+            batch["pixel_values"] = self.pixel_values(flat)
+            batch["image_to_sample"] = torch.tensor([i for i, ims in enumerate(images) for _ in ims])
+        return batch
+
+    # ------------------------------------------------------------------ generation
+    def _generation_inputs(self, conversations, images):
+        batch = self.prepare_batch(conversations, images, add_generation_prompt=True)
+        features = self.encode_images(batch["pixel_values"]) if "pixel_values" in batch else None
+        visual = self.visual_tokens(features) if features is not None else None
+        inputs = self.splice(batch["input_ids"], batch["attention_mask"], visual, padding_side="left")
+        return inputs, features, batch.get("image_to_sample")
+
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, **extra) -> dict:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
+            top_k=None, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.llm.generation_config.eos_token_id or self.tokenizer.eos_token_id, **extra,
+        )
+        return {"generation_config": gen}
+
+    @torch.inference_mode()
+    def generate(self, messages: Conversation | Sequence[Conversation], images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]] = (),
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, streamer=None, **extra):
+        """Answer one conversation (returns str) or a batch of conversations (returns list[str])."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        image_lists = [list(images)] if single else [list(x) for x in images] if images else [[] for _ in conversations]
+        inputs, features, image_to_sample = self._generation_inputs(conversations, image_lists)
+        self.integrator.set_visual_context(features, image_to_sample)
+        try:
+            out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                    streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+        finally:
+            self.integrator.set_visual_context(None, None)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return texts[0] if single else texts
+
+    def stream(self, messages: Conversation, images: Sequence[ImageSource] = (), **generation) -> Iterator[str]:
+        """Yield the answer's text as it is generated (a background thread runs `generate`)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        errors: list[BaseException] = []
+        # Load and check inputs here, so bad images or placeholders raise in the caller, not in the thread.
+        self.encode_conversation(messages, len(images), add_generation_prompt=True)
+        images = [load_image(im) for im in images]
+
+        def run():
+            try:
+                self.generate(messages, images, streamer=streamer, **generation)
+            except BaseException as e:  # surfaced to the consumer below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def format_parameter_table(rows: list[dict[str, Any]]) -> str:
+    """The parameter report as an aligned text table (CLI and notebooks print this)."""
+    lines = [f"{'component':<12}{'total':>15}{'trainable':>15}{'trainable %':>13}{'share %':>10}"]
+    for r in rows:
+        if r["component"] == "total":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{r['component']:<12}{r['total']:>15,}{r['trainable']:>15,}{r['trainable_pct']:>12.2f}%"
+                     f"{r['share_pct']:>9.1f}%")
+    return "\n".join(lines)
