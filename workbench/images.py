@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Union
@@ -60,7 +61,8 @@ def load_image(source: ImageSource, max_pixels: int | None = None, max_bytes: in
         raise ImageError(f"Cannot read an image from a {type(source).__name__}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit is checked from the header below; PIL's warning would only duplicate it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_pixels(image, name, max_pixels)  # header only: refuse before decoding pixels
             image.load()
@@ -68,8 +70,10 @@ def load_image(source: ImageSource, max_pixels: int | None = None, max_bytes: in
         raise
     except UnidentifiedImageError:
         raise ImageError(f"Not an image file (format not recognised): {name}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"Image {name} is too large to decode safely; the limit is {max_pixels:,} pixels") from None
+    except Image.DecompressionBombError as e:  # PIL refuses at open time above twice its own limit
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise ImageError(f"Image {name} has {size}; the limit is {max_pixels:,} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"Image file is corrupt or truncated: {name} ({e})") from None
     return _to_rgb(image)

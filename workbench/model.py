@@ -90,10 +90,13 @@ class VisionLanguageModel(nn.Module):
         for part, module in model._parts().items():
             file = path / f"{part}.safetensors"
             if file.is_file():
-                missing, unexpected = load_model(module, str(file), strict=False, device=str(dev))
+                try:
+                    missing, unexpected = load_model(module, str(file), strict=False, device=str(dev))
+                except RuntimeError as e:  # same names, other shapes
+                    raise ConfigError(f"{file} does not match the {part} built from config.yaml: {e}") from None
                 if missing or unexpected:
                     raise ConfigError(f"{file} does not match the {part} built from config.yaml: "
-                                      f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+                                      f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
         return model
 

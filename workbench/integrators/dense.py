@@ -14,6 +14,7 @@ class _TokenProjector(Integrator):
     def __init__(self, context: IntegratorContext, input_norm: bool):
         super().__init__(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2); a LayerNorm in front steadies training.
+        # On by default; input_norm=false gives LLaVA's projector exactly.
         self.norm = nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity()
 
     @property
@@ -28,7 +29,7 @@ class _TokenProjector(Integrator):
                       paradigms=["single-stage", "two-stage"], placement="prefix",
                       description="One linear map per visual token")
 class LinearProjector(_TokenProjector):
-    def __init__(self, context: IntegratorContext, input_norm: bool = False):
+    def __init__(self, context: IntegratorContext, input_norm: bool = True):
         super().__init__(context, input_norm)
         self.proj = nn.Linear(context.vision_dim, context.llm_hidden)
 
@@ -38,7 +39,7 @@ class LinearProjector(_TokenProjector):
                       description="MLP with GELU per visual token (depth 2 = LLaVA-1.5's mlp2x_gelu)")
 class MLPProjector(_TokenProjector):
     def __init__(self, context: IntegratorContext, depth: int = 2, hidden_dim: int | None = None,
-                 activation: str = "gelu", input_norm: bool = False, dropout: float = 0.0):
+                 activation: str = "gelu", input_norm: bool = True, dropout: float = 0.0):
         super().__init__(context, input_norm)
         if depth < 1:
             raise ValueError("depth must be at least 1")

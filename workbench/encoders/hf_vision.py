@@ -1,0 +1,1 @@
+"""transformers vision towers (being written)."""
