@@ -46,6 +46,7 @@ def is_offline(timeout: float = 2.0) -> bool:
     """True when the hub cannot be used: forced by environment, or not reachable within `timeout` s."""
     global _reachable
     if os.environ.get("WORKBENCH_OFFLINE", "").lower() in _TRUE or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # so library calls that bypass hub_kwargs do not retry either
         return True
     if os.environ.get("WORKBENCH_ONLINE", "").lower() in _TRUE:
         return False
