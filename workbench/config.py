@@ -232,3 +232,101 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 def save_model_config(config: ModelConfig, path: str | Path) -> Path:
     return save_yaml(to_dict(config), path)
+
+
+# ---------------------------------------------------------------- run-level specs (training engine)
+
+@dataclass
+class DataSpec:
+    """A dataset by loader kind (easy-vqa, llava, captions, emoji-captions, hf) and the loader's options."""
+
+    kind: str = "easy-vqa"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageSpec:
+    """One stage of a paradigm: its data, what trains, and at which learning rate (0 or absent = frozen)."""
+
+    name: str = "train"
+    data: DataSpec | None = None
+    """None: the run's `data`."""
+    train_encoder: bool = False
+    train_integrator: bool = True
+    llm: str = "frozen"
+    """frozen, full, or peft (the run's `model.peft` modules train, the rest of the LLM stays frozen)."""
+    lr: float = 1e-3
+    """Learning rate of the integrator (and of in-LLM integrator modules)."""
+    lr_llm: float = 2e-5
+    lr_encoder: float = 1e-5
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Stops the stage early; None trains `epochs` over the data."""
+
+
+@dataclass
+class TrainingSpec:
+    """Loop settings shared by every stage."""
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16."""
+    eval_every: int = 0
+    """Steps between evaluations (0: at the end of each stage only)."""
+    eval_samples: int = 256
+    early_stopping_patience: int = 0
+    """Evaluations without improvement before a stage stops (0: never)."""
+    cache_features: bool = True
+    """Compute frozen encoder features once and reuse them across epochs, stages and runs."""
+    save_every: int = 0
+    """Steps between checkpoints (0: end of each stage and on cancel)."""
+    keep_last: int = 2
+    num_workers: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    """A run: the model, the paradigm (its stages), the data and the loop settings."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paradigm: str = "single-stage"
+    """single-stage, two-stage or direct: a recipe that fills in `stages` when they are not given."""
+    stages: list[StageSpec] | None = None
+    data: DataSpec = field(default_factory=DataSpec)
+    eval_data: DataSpec | None = None
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    output_dir: str = "runs"
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        t = self.training
+        if t.batch_size < 1 or t.grad_accum < 1:
+            raise ConfigError("training.batch_size and training.grad_accum must be at least 1")
+        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"training.precision must be auto, fp32, bf16 or fp16, not '{t.precision}'")
+        for s in self.stages or []:
+            if s.llm not in ("frozen", "full", "peft"):
+                raise ConfigError(f"stage '{s.name}': llm must be frozen, full or peft, not '{s.llm}'")
+            if s.llm == "peft" and self.model.peft.method == "none":
+                raise ConfigError(f"stage '{s.name}' trains PEFT modules but model.peft.method is none")
+            if s.epochs <= 0 and not s.max_steps:
+                raise ConfigError(f"stage '{s.name}': epochs must be positive (or give max_steps)")
+        return self
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    try:
+        return from_dict(RunConfig, load_yaml(path)).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> Path:
+    return save_yaml(to_dict(config), path)

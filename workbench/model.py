@@ -86,19 +86,24 @@ class VisionLanguageModel(nn.Module):
             raise ConfigError(f"{path} holds format {manifest.get('format')} v{manifest.get('version')}, "
                               f"which this workbench cannot read")
         model = cls.from_config(load_model_config(path / "config.yaml"), device=device)
-        dev = model.device
-        for part, module in model._parts().items():
-            file = path / f"{part}.safetensors"
-            if file.is_file():
-                try:
-                    missing, unexpected = load_model(module, str(file), strict=False, device=str(dev))
-                except RuntimeError as e:  # same names, other shapes
-                    raise ConfigError(f"{file} does not match the {part} built from config.yaml: {e}") from None
-                if missing or unexpected:
-                    raise ConfigError(f"{file} does not match the {part} built from config.yaml: "
-                                      f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        model.load_trained_parts(path)
         model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
         return model
+
+    def load_trained_parts(self, path: str | Path) -> None:
+        """Load the part files of a saved directory into this model (strict: names and shapes must match)."""
+        path = Path(path)
+        for part, module in self._parts().items():
+            file = path / f"{part}.safetensors"
+            if not file.is_file():
+                continue
+            try:
+                missing, unexpected = load_model(module, str(file), strict=False, device=str(self.device))
+            except RuntimeError as e:  # same names, other shapes
+                raise ConfigError(f"{file} does not match the {part} built from config.yaml: {e}") from None
+            if missing or unexpected:
+                raise ConfigError(f"{file} does not match the {part} built from config.yaml: "
+                                  f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config + every trained part (integrator always; encoder/LLM when unfrozen) atomically."""

@@ -1,0 +1,118 @@
+"""The training loop on tiny models: it learns, logs, checkpoints, skips bad rows, resumes exactly."""
+import copy
+import json
+
+import pytest
+import torch
+
+from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec
+from workbench.data.samples import Sample, SampleDataset
+from workbench.errors import ConfigError
+from workbench.paradigms import PARADIGMS, resolve_stages
+from workbench.training.checkpoint import latest_checkpoint, list_checkpoints
+from workbench.training.metrics import read_metrics
+from workbench.training.trainer import CANCEL_FILE, Trainer
+
+
+def _dataset(example_image, n=12, bad=0):
+    samples = [Sample([{"role": "user", "content": "<image>\nwhat color is the shape?"},
+                       {"role": "assistant", "content": "red"}], [example_image], {"answer": "red"}) for _ in range(n)]
+    for i in range(bad):
+        samples.append(Sample([{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "x"}],
+                              [b"not an image"], {"answer": "x"}))
+    return SampleDataset(samples)
+
+
+def _run(tiny_config, **training):
+    settings = dict(batch_size=4, log_every=1, cache_features=False, warmup_ratio=0.0)
+    settings.update(training)
+    return RunConfig(model=copy.deepcopy(tiny_config), stages=[StageSpec(name="align", lr=1e-2, epochs=2)],
+                     training=TrainingSpec(**settings))
+
+
+def test_paradigm_recipes():
+    assert set(PARADIGMS.names()) == {"single-stage", "two-stage", "direct"}
+    stages = resolve_stages(RunConfig(paradigm="two-stage"))
+    assert [s.name for s in stages] == ["align", "instruct"] and stages[1].llm == "full"
+    assert stages[0].data.kind == "emoji-captions" and stages[1].data.kind == "easy-vqa"
+    with pytest.raises(ConfigError, match="PEFT"):
+        resolve_stages(RunConfig(paradigm="direct"))
+
+
+def test_training_lowers_the_loss_and_logs(tiny_config, example_image, tmp_path):
+    trainer = Trainer(_run(tiny_config, cache_features=True), tmp_path / "run",
+                      datasets={"align": _dataset(example_image, bad=2)})
+    result = trainer.train()
+    assert result["status"] == "completed"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
+    assert {"lr", "grad_norm", "samples_per_s", "memory_mb"} <= set(rows[0])
+    assert result["skipped"] == {"unreadable image": 4}  # 2 bad rows, seen in each of 2 epochs
+    assert trainer.cache is not None and trainer.cache.hits > 0
+    assert (tmp_path / "run" / "model" / "integrator.safetensors").is_file()
+
+
+def test_only_the_recipe_parameters_change(tiny_config, example_image, tmp_path):
+    trainer = Trainer(_run(tiny_config), tmp_path / "run", datasets={"align": _dataset(example_image)})
+    from workbench.model import VisionLanguageModel
+
+    trainer.model = VisionLanguageModel.from_config(copy.deepcopy(tiny_config))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"integrator"}
+
+
+def test_cancel_checkpoints_and_resume_finishes_identically(tiny_config, example_image, tmp_path):
+    data = {"align": _dataset(example_image)}
+    straight = Trainer(_run(tiny_config), tmp_path / "a", datasets=data)
+    straight.train()
+
+    run_dir = tmp_path / "b"
+    first = Trainer(_run(tiny_config), run_dir, datasets=data,
+                    on_log=lambda row: row["kind"] == "train" and row["step"] == 3 and (run_dir / CANCEL_FILE).touch())
+    assert first.train()["status"] == "cancelled"
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and json.loads((ckpt / "checkpoint.json").read_text())["global_step"] == 3
+    (run_dir / CANCEL_FILE).unlink()
+    resumed = Trainer(_run(tiny_config), run_dir, datasets=data)
+    assert resumed.train(resume=True)["status"] == "completed"
+    for (n, a), (_, b) in zip(straight.model.integrator.named_parameters(), resumed.model.integrator.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_resume_refuses_a_different_trainable_set(tiny_config, example_image, tmp_path):
+    data = {"align": _dataset(example_image)}
+    run_dir = tmp_path / "r"
+    Trainer(_run(tiny_config), run_dir, datasets=data,
+            on_log=lambda row: row["kind"] == "train" and row["step"] == 2 and (run_dir / CANCEL_FILE).touch()).train()
+    (run_dir / CANCEL_FILE).unlink()
+    changed = _run(tiny_config)
+    changed.stages[0].llm = "full"  # would silently unfreeze the LLM on resume
+    with pytest.raises(ConfigError, match="different trainable set"):
+        Trainer(changed, run_dir, datasets=data).train(resume=True)
+
+
+def test_keep_last_checkpoints(tiny_config, example_image, tmp_path):
+    Trainer(_run(tiny_config, save_every=1, keep_last=2), tmp_path / "k",
+            datasets={"align": _dataset(example_image)}).train()
+    assert len(list_checkpoints(tmp_path / "k")) == 2
+
+
+def test_feature_cache_reuses_and_invalidates(tiny_model, example_image, tmp_path):
+    from workbench.images import load_image
+    from workbench.training.feature_cache import FeatureCache
+
+    image = load_image(example_image)
+    cache = FeatureCache(tiny_model.encoder, root=tmp_path)
+    first = cache.get([image, image])
+    assert cache.misses == 2 and first.shape[0] == 2
+    again = FeatureCache(tiny_model.encoder, root=tmp_path).get([image])  # from disk, a new process would do this
+    assert torch.equal(again[0], first[0])
+    direct = tiny_model.encoder(tiny_model.encoder.preprocess([image]))
+    assert torch.allclose(first[0].float(), direct[0], atol=1e-2, rtol=1e-2)
+    import copy as _copy
+
+    other = _copy.deepcopy(tiny_model.encoder)
+    other.spec.image_aspect = "crop"
+    assert FeatureCache(other, root=tmp_path).dir != cache.dir

@@ -1,0 +1,51 @@
+"""Evaluation: VQA accuracy by normalised exact match, split by question type."""
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, no punctuation or articles, single spaces; the first line only (models ramble)."""
+    text = (text.strip().splitlines() or [""])[0].lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_matches(prediction: str, answer: str) -> bool:
+    p, a = normalize_answer(prediction), normalize_answer(answer)
+    return p == a or p.split()[:1] == a.split()
+
+
+def evaluate_vqa(model, dataset, batch_size: int = 32, max_new_tokens: int = 6, limit: int | None = None) -> dict:
+    """Accuracy overall and per `meta['question_type']`, with greedy answers from `model.generate`."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    examples = []
+    try:
+        for start in range(0, n, batch_size):
+            samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+            prompts = [[m for m in s.messages if m["role"] != "assistant"] for s in samples]
+            answers = model.generate(prompts, [s.images for s in samples], max_new_tokens=max_new_tokens)
+            for s, pred in zip(samples, answers):
+                truth = s.meta.get("answer") or next(m["content"] for m in s.messages if m["role"] == "assistant")
+                ok = answer_matches(pred, truth)
+                for key in ("all", s.meta.get("question_type")):
+                    if key:
+                        total[key] += 1
+                        correct[key] += ok
+                if len(examples) < 8:
+                    question = next(m["content"] for m in reversed(s.messages) if m["role"] == "user")
+                    examples.append({"question": question,
+                                     "answer": truth, "prediction": pred, "correct": ok})
+    finally:
+        model.train(was_training)
+    result = {"accuracy": correct["all"] / max(1, total["all"]), "count": total["all"], "examples": examples}
+    result["by_type"] = {k: correct[k] / total[k] for k in sorted(total) if k != "all"}
+    return result

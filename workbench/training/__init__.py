@@ -1,0 +1,1 @@
+"""The training engine: feature cache, metrics log, checkpoints and the stage-running loop."""

@@ -1,0 +1,301 @@
+"""The training loop: runs a paradigm's stages in order on one model, with accelerate.
+
+Per stage: set what trains (recipe), build per-module learning rates, warmup + cosine schedule,
+gradient accumulation and clipping, periodic evaluation with early stopping, checkpoints, and a
+JSONL metrics log. Bad samples are skipped and counted, never fatal. Resuming restores the exact
+data position and refuses to continue if the trainable set differs from the checkpoint's.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import RunConfig, StageSpec, save_run_config
+from ..errors import ConfigError, ImageError, WorkbenchError
+from ..images import load_image
+from ..paradigms import resolve_stages
+from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from .feature_cache import FeatureCache
+from .metrics import MetricsLog
+
+CANCEL_FILE = "CANCEL"
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when a cancel was requested; the trainer checkpoints and stops."""
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, run_dir: str | Path, model=None, datasets: dict | None = None,
+                 eval_dataset=None, on_log: Callable[[dict], None] | None = None):
+        self.run = run.validate()
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self._datasets = datasets or {}
+        self._eval_dataset = eval_dataset
+        self.on_log = on_log
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        self.skipped: Counter = Counter()
+        self.cache: FeatureCache | None = None
+        self._cancel = False
+
+    # ------------------------------------------------------------------ public
+    def train(self, resume: bool = False) -> dict:
+        from accelerate import Accelerator
+
+        from ..model import VisionLanguageModel
+
+        save_run_config(self.run, self.dir / "run.yaml")
+        torch.manual_seed(self.run.training.seed)
+        random.seed(self.run.training.seed)
+        if self.model is None:
+            self.model = VisionLanguageModel.from_config(self.run.model)
+        stages = resolve_stages(self.run)
+        start = {"stage": 0, "global_step": 0, "epoch": 0, "batch": 0}
+        state = None
+        ckpt = latest_checkpoint(self.dir) if resume else None
+        if ckpt is not None:
+            info, state = load_trainer_state(ckpt)
+            self.model.load_trained_parts(ckpt / "model")
+            start = info
+            self._log("resume", checkpoint=ckpt.name, stage=info["stage"], step=info["global_step"])
+        elif resume:
+            raise ConfigError(f"No checkpoint to resume from in {self.dir}")
+        precision = self._precision()
+        self.accelerator = Accelerator(gradient_accumulation_steps=self.run.training.grad_accum,
+                                       mixed_precision=precision, cpu=self.model.device.type == "cpu")
+        previous = signal.signal(signal.SIGTERM, self._request_cancel) if _main_thread() else None
+        result: dict = {"status": "completed"}
+        try:
+            global_step = start["global_step"]
+            for index in range(start["stage"], len(stages)):
+                # Mid-stage: continue its optimizer and data position. At a stage boundary: start it fresh.
+                mid_stage = state is not None and index == start["stage"] and not start.get("stage_done")
+                resuming = state if mid_stage else None
+                global_step, stage_result = self._run_stage(index, stages[index], global_step,
+                                                            start if resuming else None, resuming)
+                result.setdefault("stages", []).append(stage_result)
+            final = self.model.save_pretrained(self.dir / "model")
+            result["model_dir"] = str(final)
+        except Cancelled:
+            result["status"] = "cancelled"
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        result["skipped"] = dict(self.skipped)
+        self._log("end", **result)
+        return result
+
+    # ------------------------------------------------------------------ one stage
+    def _apply_recipe(self, stage: StageSpec) -> list[str]:
+        if stage.llm == "peft":
+            raise ConfigError("PEFT stages need the PEFT modules, which are not available in this version yet; "
+                              "use llm: frozen or full")
+        self.model.set_trainable(encoder=stage.train_encoder, integrator=stage.train_integrator,
+                                 llm=stage.llm == "full")
+        return sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def _optimizer(self, stage: StageSpec):
+        groups = []
+        for part, lr in (("integrator", stage.lr), ("llm", stage.lr_llm), ("encoder", stage.lr_encoder)):
+            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr, "name": part})
+        if not groups:
+            raise ConfigError(f"Stage '{stage.name}' has nothing to train")
+        return torch.optim.AdamW(groups, weight_decay=self.run.training.weight_decay)
+
+    def _run_stage(self, index: int, stage: StageSpec, global_step: int, position: dict | None, state: dict | None):
+        from transformers import get_cosine_schedule_with_warmup
+
+        t = self.run.training
+        trainable = self._apply_recipe(stage)
+        if position is not None and position.get("trainable") != trainable:
+            raise ConfigError(f"The checkpoint trained {len(position.get('trainable', []))} tensors but stage "
+                              f"'{stage.name}' would train {len(trainable)}: refusing to resume with a different "
+                              f"trainable set")
+        dataset = self._dataset(stage)
+        eval_dataset = self._eval_data(stage)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_epoch = math.ceil(len(dataset) / (t.batch_size * world))
+        total_batches = stage.max_steps * t.grad_accum if stage.max_steps else math.ceil(per_epoch * stage.epochs)
+        total_updates = max(1, total_batches // t.grad_accum)
+        optimizer = self._optimizer(stage)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_updates), total_updates)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state)
+        model, optimizer, scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        if self.run.training.cache_features and self.model.encoder.frozen and self.cache is None:
+            self.cache = FeatureCache(self.model.encoder)
+        self._log("stage", stage=index, name=stage.name, samples=len(dataset), batches=total_batches,
+                  updates=total_updates, trainable=len(trainable),
+                  trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                  data_report=getattr(getattr(dataset, "report", None), "as_dict", lambda: {})())
+        epoch = position["epoch"] if position else 0
+        skip = position["batch"] if position else 0
+        done = position.get("stage_batches", 0) if position else 0
+        best, patience = -1.0, 0
+        window_loss, window_samples, window_start = [], 0, time.perf_counter()
+        model.train()
+        while done < total_batches:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed + 1000 * index + epoch))
+            batches = order[rank::world].split(t.batch_size)
+            for b, idx in enumerate(batches):
+                if b < skip:
+                    continue
+                if done >= total_batches:
+                    break
+                if self._cancel or (self.dir / CANCEL_FILE).exists():
+                    self._checkpoint(index, global_step, epoch, b, done, trainable, optimizer, scheduler)
+                    raise Cancelled()
+                batch = self._batch([dataset[i] for i in idx.tolist()])
+                done += 1
+                if batch is None:
+                    continue
+                with self.accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        norm = self.accelerator.clip_grad_norm_(
+                            [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                window_loss.append(loss.item())
+                window_samples += batch["input_ids"].shape[0]
+                if not self.accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                if global_step % t.log_every == 0 or done == total_batches:
+                    elapsed = time.perf_counter() - window_start
+                    self._log("train", stage=index, step=global_step, batch=done, batches=total_batches,
+                              epoch=epoch + b / max(1, len(batches)), loss=sum(window_loss) / len(window_loss),
+                              lr=scheduler.get_last_lr()[0], grad_norm=float(norm),
+                              samples_per_s=window_samples / max(elapsed, 1e-9), memory_mb=_memory_mb(),
+                              skipped=sum(self.skipped.values()))
+                    window_loss, window_samples, window_start = [], 0, time.perf_counter()
+                if t.eval_every and global_step % t.eval_every == 0 and eval_dataset is not None:
+                    score = self._evaluate(eval_dataset, index, global_step)
+                    if score > best:
+                        best, patience = score, 0
+                        self.model.save_pretrained(self.dir / "best")
+                    else:
+                        patience += 1
+                        if t.early_stopping_patience and patience >= t.early_stopping_patience:
+                            self._log("early_stop", stage=index, step=global_step, best=best)
+                            done = total_batches
+                            break
+                if t.save_every and global_step % t.save_every == 0:
+                    self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler)
+            epoch, skip = epoch + 1, 0
+        result = {"stage": stage.name, "steps": global_step}
+        if eval_dataset is not None:
+            result["eval"] = self._evaluate(eval_dataset, index, global_step)
+        self._checkpoint(index + 1, global_step, 0, 0, 0, [], optimizer, scheduler, stage_done=True)
+        return global_step, result
+
+    # ------------------------------------------------------------------ helpers
+    def _batch(self, samples) -> dict | None:
+        """Samples → model inputs; a sample that fails (image, template, length) is skipped and counted."""
+        model = self.model
+        encoded, images, owners = [], [], []
+        for sample in samples:
+            try:
+                loaded = [load_image(im) for im in sample.images]
+                enc = model.encode_conversation(sample.messages, len(loaded))
+            except ImageError:
+                self.skipped["unreadable image"] += 1
+                continue
+            except WorkbenchError as e:
+                self.skipped["too long" if "max_length" in str(e) else "bad conversation"] += 1
+                continue
+            owners += [len(encoded)] * len(loaded)
+            encoded.append(enc)
+            images += loaded
+        if not encoded:
+            return None
+        batch = model.collate(encoded)
+        if images:
+            if self.cache is not None and model.encoder.frozen:
+                batch["image_features"] = self.cache.get(images)
+            else:
+                batch["pixel_values"] = model.encoder.preprocess(images)
+            batch["image_to_sample"] = torch.tensor(owners)
+        return batch
+
+    def _dataset(self, stage: StageSpec):
+        if stage.name in self._datasets:
+            return self._datasets[stage.name]
+        from ..data.loaders import load_dataset_spec
+
+        return load_dataset_spec(stage.data.kind, **stage.data.options)
+
+    def _eval_data(self, stage: StageSpec):
+        if self._eval_dataset is not None:
+            return self._eval_dataset
+        if self.run.eval_data is None:
+            return None
+        from ..data.loaders import load_dataset_spec
+
+        data = load_dataset_spec(self.run.eval_data.kind, **self.run.eval_data.options)
+        self._eval_dataset = data.subset(self.run.training.eval_samples, seed=self.run.training.seed) \
+            if len(data) > self.run.training.eval_samples and hasattr(data, "subset") else data
+        return self._eval_dataset
+
+    def _evaluate(self, dataset, stage: int, step: int) -> float:
+        from ..evaluation import evaluate_vqa
+
+        result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2)
+        self._log("eval", stage=stage, step=step, accuracy=result["accuracy"], by_type=result["by_type"],
+                  count=result["count"], examples=result["examples"][:3])
+        return result["accuracy"]
+
+    def _checkpoint(self, stage, step, epoch, batch, done, trainable, optimizer, scheduler, stage_done=False):
+        if not self.accelerator.is_main_process:
+            return
+        info = {"stage": stage, "global_step": step, "epoch": epoch, "batch": batch, "stage_batches": done,
+                "trainable": trainable, "stage_done": stage_done, "time": time.time()}
+        path = save_checkpoint(self.dir, self.model, optimizer, scheduler, info, self.run.training.keep_last)
+        self._log("checkpoint", path=path.name, step=step, stage=stage)
+
+    def _precision(self) -> str:
+        p = self.run.training.precision
+        if p == "auto":
+            return "bf16" if self.model.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
+
+    def _request_cancel(self, *_):
+        self._cancel = True
+
+    def _log(self, kind: str, **values) -> None:
+        row = self.metrics.write(kind, **values)
+        if self.on_log is not None:
+            self.on_log(row)
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return 0.0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and os.name == "posix"
