@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import WorkbenchError
@@ -107,6 +108,86 @@ def cmd_chat(args) -> int:
             pending = []
 
 
+def cmd_train(args) -> int:
+    from .config import load_run_config
+    from .jobs import RunRegistry
+    from . import worker
+
+    config = load_run_config(args.config)
+    if args.name:
+        config.name = args.name
+    registry = RunRegistry(args.runs)
+    run_id = registry.create(config)
+    if args.background:
+        pid = registry.start(run_id)
+        print(f"{run_id} started in the background (pid {pid}); follow it with: workbench runs logs {run_id}")
+        return 0
+    print(f"{run_id}: training in the foreground (Ctrl-C checkpoints and stops; `workbench runs resume {run_id}`)")
+    registry.attach_current_process(run_id)
+    code = worker.main([str(registry.run_dir(run_id)), "--registry", str(registry.root)], on_log=_ProgressBar())
+    row = registry.get(run_id)
+    print(f"{run_id}: {row['status']}" + (f" ({row['reason']})" if row["reason"] else ""))
+    return code
+
+
+class _ProgressBar:
+    """tqdm bar per stage fed by the trainer's log rows; evaluations printed above it."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, row: dict) -> None:
+        from tqdm import tqdm
+
+        kind = row["kind"]
+        if kind == "stage":
+            if self.bar:
+                self.bar.close()
+            self.bar = tqdm(total=row["batches"], desc=f"stage {row['stage'] + 1} {row['name']}", unit="batch")
+        elif kind == "train" and self.bar is not None:
+            self.bar.n = row["batch"]
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", sps=f"{row['samples_per_s']:.1f}")
+            self.bar.refresh()
+        elif kind == "eval":
+            (self.bar.write if self.bar else print)(f"eval step {row['step']}: accuracy {row['accuracy']:.3f} {row['by_type']}")
+        elif kind == "end" and self.bar is not None:
+            self.bar.close()
+
+
+def cmd_runs(args) -> int:
+    from .jobs import RunRegistry
+    from .training.metrics import read_metrics
+
+    registry = RunRegistry(args.runs)
+    if args.action == "list":
+        rows = registry.list()
+        if not rows:
+            print(f"no runs in {registry.root}")
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+            print(f"{r['id']:<40} {r['status']:<11} {r['paradigm']:<13} {when}"
+                  + (f"  {r['reason']}" if r["reason"] and r["status"] in ("died", "failed") else ""))
+        return 0
+    if not args.run:
+        raise WorkbenchError(f"runs {args.action} needs a run id (see: workbench runs list)")
+    if args.action == "show":
+        row = registry.get(args.run)
+        print(json.dumps({k: v for k, v in row.items() if k != "config"}, indent=2, default=str))
+        last = read_metrics(registry.run_dir(args.run) / "metrics.jsonl")
+        for r in [r for r in last if r["kind"] in ("train", "eval")][-3:]:
+            print(json.dumps(r, default=str))
+    elif args.action == "logs":
+        print(registry.log_tail(args.run, lines=args.lines))
+    elif args.action == "cancel":
+        print(registry.cancel(args.run, wait=args.wait)["status"])
+    elif args.action == "resume":
+        print(f"resumed {args.run} (pid {registry.resume(args.run)})")
+    elif args.action == "delete":
+        registry.delete(args.run)
+        print(f"deleted {args.run}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="The VLLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", help="train a run config (foreground with a progress bar, or --background)")
+    p.add_argument("config", help="run config YAML (examples/configs/)")
+    p.add_argument("--background", action="store_true", help="start as its own process and return at once")
+    p.add_argument("--name", help="run name (default: the config's)")
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list, inspect and control runs")
+    p.add_argument("action", choices=["list", "show", "logs", "cancel", "resume", "delete"])
+    p.add_argument("run", nargs="?")
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.add_argument("--lines", type=int, default=40)
+    p.add_argument("--wait", type=float, default=0.0, help="cancel: seconds to wait for the checkpoint")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

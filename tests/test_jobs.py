@@ -1,0 +1,88 @@
+"""Background runs as real processes: finish, report true status after kill -9, cancel gracefully, resume."""
+import copy
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec
+from workbench.errors import ConfigError
+from workbench.jobs import RunRegistry
+from workbench.training.checkpoint import latest_checkpoint
+
+
+@pytest.fixture()
+def llava_data(tmp_path, example_image):
+    rows = [{"id": str(i), "image": str(example_image),
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                               {"from": "gpt", "value": "red"}]} for i in range(8)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _config(tiny_config, data, epochs=1.0, **training):
+    settings = dict(batch_size=2, log_every=1, warmup_ratio=0.0, cache_features=False)
+    settings.update(training)
+    return RunConfig(name="tiny job", model=copy.deepcopy(tiny_config),
+                     stages=[StageSpec(name="align", epochs=epochs)],
+                     data=DataSpec(kind="llava", options={"json_path": str(data)}), training=TrainingSpec(**settings))
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_background_run_completes(tiny_config, llava_data, tmp_path):
+    registry = RunRegistry(tmp_path / "runs")
+    run_id = registry.create(_config(tiny_config, llava_data))
+    registry.start(run_id)
+    row = registry.wait(run_id, timeout=180)
+    assert row["status"] == "completed", registry.log_tail(run_id)
+    assert (registry.run_dir(run_id) / "model" / "integrator.safetensors").is_file()
+    assert [r["id"] for r in RunRegistry(tmp_path / "runs").list()] == [run_id]  # a new registry sees it too
+    registry.delete(run_id)
+    assert registry.list() == [] and not registry.run_dir(run_id).exists()
+
+
+def test_kill_9_is_reported_and_resume_finishes(tiny_config, llava_data, tmp_path):
+    registry = RunRegistry(tmp_path / "runs")
+    run_id = registry.create(_config(tiny_config, llava_data, epochs=200, save_every=2))
+    pid = registry.start(run_id)
+    run_dir = registry.run_dir(run_id)
+    assert _wait_for(lambda: latest_checkpoint(run_dir) is not None), registry.log_tail(run_id)
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(lambda: registry.get(run_id)["status"] == "died", 30)
+    row = RunRegistry(tmp_path / "runs").get(run_id)  # as the app would see it after a restart
+    assert row["status"] == "died" and "SIGKILL" in (registry.get(run_id)["reason"] or "")
+    cfg = registry.config(run_id)
+    cfg.stages[0].epochs = 2  # shorter, same trainable set
+    from workbench.config import save_run_config
+
+    save_run_config(cfg, run_dir / "run.yaml")
+    registry.resume(run_id)
+    row = registry.wait(run_id, timeout=180)
+    assert row["status"] == "completed", registry.log_tail(run_id)
+    assert "resume" in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_cancel_is_graceful(tiny_config, llava_data, tmp_path):
+    registry = RunRegistry(tmp_path / "runs")
+    run_id = registry.create(_config(tiny_config, llava_data, epochs=200))
+    registry.start(run_id)
+    run_dir = registry.run_dir(run_id)
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and '"train"' in (run_dir / "metrics.jsonl").read_text())
+    with pytest.raises(ConfigError, match="cancel it before deleting"):
+        registry.delete(run_id)
+    row = registry.cancel(run_id, wait=60)
+    assert row["status"] == "cancelled", registry.log_tail(run_id)
+    assert latest_checkpoint(run_dir) is not None
+    with pytest.raises(ConfigError, match="No run"):
+        registry.get("nope")
