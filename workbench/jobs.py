@@ -147,8 +147,8 @@ class RunRegistry:
         row = self.get(run_id)
         if row["status"] not in ACTIVE:
             return row
+        self._update(run_id, status="cancelling")  # before the file: a fast worker's final status must win
         (self.run_dir(run_id) / "CANCEL").touch()
-        self._update(run_id, status="cancelling")
         if row["pid"] and _alive(row["pid"], row["pid_started"]):
             os.kill(row["pid"], signal.SIGTERM)
         deadline = time.time() + wait

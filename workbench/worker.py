@@ -26,7 +26,20 @@ def gpu_slot(root: Path, needs_gpu: bool):
         yield
 
 
+class _Terminated(Exception):
+    """SIGTERM outside the training loop (queued, loading, finishing): still leave an exit record."""
+
+
+def _on_sigterm(*_):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None, on_log=None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # the trainer swaps in its own graceful handler while it runs
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--registry")
@@ -36,7 +49,11 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
     exit_file = run_dir / "exit.json"
 
     def finish(status: str, code: int, reason: str | None = None) -> int:
-        exit_file.write_text(json.dumps({"status": status, "exit_code": code, "reason": reason, "time": time.time()}))
+        if exit_file.exists():  # a late signal must not overwrite how the run really ended
+            return code
+        tmp = exit_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"status": status, "exit_code": code, "reason": reason, "time": time.time()}))
+        tmp.replace(exit_file)
         if registry is not None:
             registry.mark(run_dir.name, status, exit_code=code, reason=reason, finished=time.time())
         return code
@@ -59,9 +76,12 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
                 registry.mark(run_dir.name, "running")
             print(f"[worker] training {run.name} ({run.paradigm}) in {run_dir}", flush=True)
             result = Trainer(run, run_dir, on_log=on_log or _print_row).train(resume=args.resume)
-        return finish(result["status"], 0)
+        code = finish(result["status"], 0)
+        return code
     except KeyboardInterrupt:
         return finish("cancelled", 130, "interrupted")
+    except _Terminated:
+        return finish("cancelled", 143, "terminated before training could checkpoint")
     except Exception as e:  # anything else: record why, then fail
         traceback.print_exc()
         return finish("failed", 1, f"{type(e).__name__}: {e}".splitlines()[0][:300])

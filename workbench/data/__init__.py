@@ -1,4 +1,7 @@
-"""Datasets, prompt formatting and batching."""
+"""Datasets (easy-VQA, LLaVA JSON, captions, emoji captions, HF datasets), prompt formatting and checks."""
+from .loaders import DATASETS, load_dataset_spec
 from .prompting import IMAGE_TOKEN_INDEX, EncodedConversation, PromptFormatter, normalize_messages
+from .samples import DataReport, Sample, SampleDataset, check_sample
 
-__all__ = ["IMAGE_TOKEN_INDEX", "EncodedConversation", "PromptFormatter", "normalize_messages"]
+__all__ = ["DATASETS", "load_dataset_spec", "IMAGE_TOKEN_INDEX", "EncodedConversation", "PromptFormatter",
+           "normalize_messages", "DataReport", "Sample", "SampleDataset", "check_sample"]
