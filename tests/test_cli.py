@@ -52,3 +52,33 @@ def test_assets_lists_every_embedded_asset(capsys):
     names = {r["name"] for r in rows}
     assert {"smollm2-135m-instruct", "mobilenet_v2", "efficientnet_lite0", "easy-vqa"} <= names
     assert code == (0 if all(r["available"] for r in rows) else 1)
+
+
+def test_train_runs_and_eval_from_the_command_line(tiny_config, example_image, tmp_path, capsys):
+    import copy
+    import json
+
+    from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec, save_run_config
+
+    rows = [{"id": str(i), "image": str(example_image),
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                               {"from": "gpt", "value": "red"}]} for i in range(4)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    run = RunConfig(name="cli", model=copy.deepcopy(tiny_config), stages=[StageSpec(name="align", epochs=1)],
+                    data=DataSpec(kind="llava", options={"json_path": str(data)}),
+                    training=TrainingSpec(batch_size=2, cache_features=False))
+    config = save_run_config(run, tmp_path / "run.yaml")
+    runs = str(tmp_path / "runs")
+    assert main(["train", str(config), "--runs", runs]) == 0
+    assert main(["runs", "list", "--runs", runs]) == 0
+    listing = capsys.readouterr().out
+    assert "completed" in listing
+    run_id = listing.strip().splitlines()[-1].split()[0]
+    options = json.dumps({"json_path": str(data)})
+    assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--options", options]) == 2  # llava has no split
+    assert "split" in capsys.readouterr().err
+    assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "on 4 questions" in out
+    assert (tmp_path / "runs" / run_id / "eval-llava.json").is_file()

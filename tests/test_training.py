@@ -116,3 +116,26 @@ def test_feature_cache_reuses_and_invalidates(tiny_model, example_image, tmp_pat
     other = _copy.deepcopy(tiny_model.encoder)
     other.spec.image_aspect = "crop"
     assert FeatureCache(other, root=tmp_path).dir != cache.dir
+
+
+def test_text_only_baseline_trains_without_images(tiny_config, example_image, tmp_path):
+    run = _run(tiny_config)
+    run.text_only = True
+    with pytest.raises(ConfigError, match="text-only run trains nothing"):
+        Trainer(run, tmp_path / "x", datasets={"align": _dataset(example_image)}).train()
+    run.stages[0].llm = "full"
+    trainer = Trainer(run, tmp_path / "t", datasets={"align": _dataset(example_image, bad=1)},
+                      eval_dataset=_dataset(example_image, n=4))
+    result = trainer.train()
+    assert result["status"] == "completed" and result["skipped"] == {}  # the bad image is never opened
+    assert result["stages"][0]["eval"] >= 0.0
+    evals = read_metrics(tmp_path / "t" / "metrics.jsonl", "eval")
+    assert evals and evals[-1]["count"] == 4
+
+
+def test_vqa_accuracy_normalisation():
+    from workbench.evaluation import answer_matches, normalize_answer, without_images
+
+    assert normalize_answer("  The Red.\nmore text") == "red"
+    assert answer_matches("Red, I think", "red") and not answer_matches("blue", "red")
+    assert without_images([{"role": "user", "content": "<image>\nwhat?"}]) == [{"role": "user", "content": "what?"}]

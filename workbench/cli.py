@@ -188,6 +188,40 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .data.loaders import load_dataset_spec
+    from .evaluation import evaluate_vqa
+    from .jobs import RunRegistry
+    from .model import VisionLanguageModel
+
+    target = Path(args.run)
+    if not target.exists():  # a run id in the registry
+        target = RunRegistry(args.runs).run_dir(args.run)
+    model_dir = next((d for d in (target / args.which, target) if (d / "config.yaml").is_file()), None)
+    if model_dir is None:
+        raise WorkbenchError(f"No saved model in {target} (looked for {args.which}/ and the folder itself)")
+    options = dict(json.loads(args.options)) if args.options else {}
+    if args.split:
+        options["split"] = args.split
+    data = load_dataset_spec(args.data, **options)
+    if args.limit:
+        data = data.subset(args.limit, seed=0)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=args.device)
+    started = time.perf_counter()
+    result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
+    seconds = time.perf_counter() - started
+    trainable = next(r for r in model.parameter_report() if r["component"] == "total")
+    result.update(model=str(model_dir), data=args.data, seconds=seconds, samples_per_s=result["count"] / seconds,
+                  trainable_pct=trainable["trainable_pct"])
+    print(f"accuracy {result['accuracy']:.4f} on {result['count']} questions ({seconds:.0f} s)")
+    for kind, acc in result["by_type"].items():
+        print(f"  {kind:<8} {acc:.4f}")
+    out = target / f"eval-{args.data}{'-text-only' if args.text_only else ''}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="The VLLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: the config's)")
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="VQA accuracy of a run's model on a dataset (by question type)")
+    p.add_argument("run", help="run id, run directory or saved model directory")
+    p.add_argument("--data", default="easy-vqa", help="dataset kind (easy-vqa, llava, captions, …)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--options", help='extra loader options as JSON, e.g. \'{"json_path": "x.json"}\'')
+    p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this size")
+    p.add_argument("--which", default="model", choices=["model", "best"])
+    p.add_argument("--text-only", action="store_true", help="ask without the images (text-only baseline)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("runs", help="list, inspect and control runs")
     p.add_argument("action", choices=["list", "show", "logs", "cancel", "resume", "delete"])

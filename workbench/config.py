@@ -303,6 +303,8 @@ class RunConfig:
     eval_data: DataSpec | None = None
     training: TrainingSpec = field(default_factory=TrainingSpec)
     output_dir: str = "runs"
+    text_only: bool = False
+    """Train and evaluate without the images: the text-only baseline of the same recipe."""
 
     def validate(self) -> "RunConfig":
         self.model.validate()

@@ -20,8 +20,19 @@ def answer_matches(prediction: str, answer: str) -> bool:
     return p == a or p.split()[:1] == a.split()
 
 
-def evaluate_vqa(model, dataset, batch_size: int = 32, max_new_tokens: int = 6, limit: int | None = None) -> dict:
-    """Accuracy overall and per `meta['question_type']`, with greedy answers from `model.generate`."""
+def without_images(messages: list[dict], image_token: str = "<image>") -> list[dict]:
+    """The conversation with its image placeholders removed: the text-only baseline sees only this."""
+    return [{**m, "content": m["content"].replace(image_token + "\n", "").replace(image_token, "").strip()}
+            for m in messages]
+
+
+def evaluate_vqa(model, dataset, batch_size: int = 32, max_new_tokens: int = 6, limit: int | None = None,
+                 text_only: bool = False) -> dict:
+    """Accuracy overall and per `meta['question_type']`, with greedy answers from `model.generate`.
+
+    `text_only` asks the same questions without the images (for a model trained text-only too): the
+    floor that shows how much of the accuracy the image really buys.
+    """
     was_training = model.training
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -32,7 +43,11 @@ def evaluate_vqa(model, dataset, batch_size: int = 32, max_new_tokens: int = 6, 
         for start in range(0, n, batch_size):
             samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
             prompts = [[m for m in s.messages if m["role"] != "assistant"] for s in samples]
-            answers = model.generate(prompts, [s.images for s in samples], max_new_tokens=max_new_tokens)
+            images = [list(s.images) for s in samples]
+            if text_only:
+                prompts = [without_images(p, model.config.image_token) for p in prompts]
+                images = [[] for _ in samples]
+            answers = model.generate(prompts, images, max_new_tokens=max_new_tokens)
             for s, pred in zip(samples, answers):
                 truth = s.meta.get("answer") or next(m["content"] for m in s.messages if m["role"] == "assistant")
                 ok = answer_matches(pred, truth)
@@ -46,6 +61,7 @@ def evaluate_vqa(model, dataset, batch_size: int = 32, max_new_tokens: int = 6, 
                                      "answer": truth, "prediction": pred, "correct": ok})
     finally:
         model.train(was_training)
-    result = {"accuracy": correct["all"] / max(1, total["all"]), "count": total["all"], "examples": examples}
+    result = {"accuracy": correct["all"] / max(1, total["all"]), "count": total["all"], "examples": examples,
+              "text_only": text_only}
     result["by_type"] = {k: correct[k] / total[k] for k in sorted(total) if k != "all"}
     return result

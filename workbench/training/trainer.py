@@ -20,6 +20,7 @@ import torch
 
 from ..config import RunConfig, StageSpec, save_run_config
 from ..errors import ConfigError, ImageError, WorkbenchError
+from ..evaluation import without_images
 from ..images import load_image
 from ..paradigms import resolve_stages
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
@@ -97,6 +98,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def _apply_recipe(self, stage: StageSpec) -> list[str]:
+        if self.run.text_only and stage.llm == "frozen":
+            raise ConfigError(f"Stage '{stage.name}' of a text-only run trains nothing that sees the text: the "
+                              f"integrator gets no images. Set the stage's llm to full or peft for the baseline")
         if stage.llm == "peft":
             raise ConfigError("PEFT stages need the PEFT modules, which are not available in this version yet; "
                               "use llm: frozen or full")
@@ -212,8 +216,11 @@ class Trainer:
         encoded, images, owners = [], [], []
         for sample in samples:
             try:
-                loaded = [load_image(im) for im in sample.images]
-                enc = model.encode_conversation(sample.messages, len(loaded))
+                if self.run.text_only:
+                    loaded, messages = [], without_images(sample.messages, model.config.image_token)
+                else:
+                    loaded, messages = [load_image(im) for im in sample.images], sample.messages
+                enc = model.encode_conversation(messages, len(loaded))
             except ImageError:
                 self.skipped["unreadable image"] += 1
                 continue
@@ -256,7 +263,8 @@ class Trainer:
     def _evaluate(self, dataset, stage: int, step: int) -> float:
         from ..evaluation import evaluate_vqa
 
-        result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2)
+        result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2,
+                              text_only=self.run.text_only)
         self._log("eval", stage=stage, step=step, accuracy=result["accuracy"], by_type=result["by_type"],
                   count=result["count"], examples=result["examples"][:3])
         return result["accuracy"]
