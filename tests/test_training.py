@@ -139,3 +139,17 @@ def test_vqa_accuracy_normalisation():
     assert normalize_answer("  The Red.\nmore text") == "red"
     assert answer_matches("Red, I think", "red") and not answer_matches("blue", "red")
     assert without_images([{"role": "user", "content": "<image>\nwhat?"}]) == [{"role": "user", "content": "what?"}]
+
+
+def test_direct_adaptation_trains_lora_and_integrator_only(tiny_config, example_image, tmp_path):
+    run = _run(tiny_config)
+    run.model.peft.method = "lora"
+    run.stages = None
+    run.paradigm = "direct"
+    run.data = DataSpec(kind="llava")  # replaced by the dataset given below
+    trainer = Trainer(run, tmp_path / "d", datasets={"adapt": _dataset(example_image)})
+    assert trainer.train()["status"] == "completed"
+    trained = {n.split(".")[0] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained == {"integrator", "llm"}
+    assert all("lora_" in n for n, p in trainer.model.llm.named_parameters() if p.requires_grad)
+    assert (tmp_path / "d" / "model" / "adapter" / "adapter_model.safetensors").is_file()

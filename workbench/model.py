@@ -26,6 +26,9 @@ from .errors import ConfigError
 from .images import ImageSource, load_image
 from .integrators import Integrator, IntegratorContext, build_integrator
 from .llm import load_llm, resolve_device
+from .peft_modules import ADAPTER_DIR, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
+from .peft_modules import generate as peft_generate
+from .peft_modules import peft_parameters, save_peft, virtual_tokens
 
 FORMAT_NAME = "workbench-vlm"
 FORMAT_VERSION = 1
@@ -52,7 +55,7 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.formatter = PromptFormatter(tokenizer, config.image_token)
-        integrator.attach(llm)
+        integrator.attach(base_llm(llm))  # in-LLM modules go into the transformers model, under any PEFT wrapper
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -64,6 +67,7 @@ class VisionLanguageModel(nn.Module):
             config = model_config_from_dict(config)
         config = replace(config).validate()
         dev = torch.device(device) if device is not None else resolve_device(config.llm.device)
+        check_peft_spec(config.peft)  # fail before loading the LLM (unknown method, QLoRA without CUDA)
         llm, tokenizer = load_llm(config.llm, dev)
         encoder = build_encoder(config.encoder)
         llm_dtype = next(llm.parameters()).dtype
@@ -73,7 +77,10 @@ class VisionLanguageModel(nn.Module):
             has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
         )
         integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
-        return cls(config, encoder, integrator, llm, tokenizer)
+        if config.peft.method == "none":
+            return cls(config, encoder, integrator, llm, tokenizer)
+        model = cls(config, encoder, integrator, attach_peft(llm, config.peft), tokenizer)
+        return model.set_trainable(llm=not config.llm.frozen, peft=True)  # base as configured, adapter trains
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None):
@@ -104,6 +111,11 @@ class VisionLanguageModel(nn.Module):
             if missing or unexpected:
                 raise ConfigError(f"{file} does not match the {part} built from config.yaml: "
                                   f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        if (path / ADAPTER_DIR).is_dir():
+            if not is_peft_model(self.llm):
+                raise ConfigError(f"{path / ADAPTER_DIR} holds a PEFT adapter but this model has no PEFT modules "
+                                  f"(peft.method is none)")
+            load_peft(self.llm, path / ADAPTER_DIR, self.config.peft)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config + every trained part (integrator always; encoder/LLM when unfrozen) atomically."""
@@ -120,6 +132,9 @@ class VisionLanguageModel(nn.Module):
                 if trained:
                     save_model(module, str(tmp / f"{part}.safetensors"))
                     files[part] = f"{part}.safetensors"
+            if is_peft_model(self.llm):
+                save_peft(self.llm, tmp / ADAPTER_DIR)
+                files["adapter"] = f"{ADAPTER_DIR}/"
             manifest = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files, "base": {"encoder": to_dict(self.config.encoder), "llm": to_dict(self.config.llm)},
@@ -142,7 +157,8 @@ class VisionLanguageModel(nn.Module):
         return {"encoder": self.encoder, "integrator": self.integrator, "llm": self.llm}
 
     def _llm_own_parameters(self) -> list[nn.Parameter]:
-        inside = {id(p) for p in self.integrator.llm_parameters()}
+        """The LLM's base weights: without in-LLM integrator modules and without PEFT adapters."""
+        inside = {id(p) for p in self.integrator.llm_parameters() + peft_parameters(self.llm)}
         return [p for p in self.llm.parameters() if id(p) not in inside]
 
     # ------------------------------------------------------------------ properties and trainability
@@ -159,8 +175,12 @@ class VisionLanguageModel(nn.Module):
         """Tokens each image occupies in the LLM's sequence."""
         return self.integrator.num_tokens
 
-    def set_trainable(self, encoder: bool | None = None, integrator: bool | None = None, llm: bool | None = None):
-        """Freeze or unfreeze whole parts (paradigm stages call this); the config records it for saving."""
+    def set_trainable(self, encoder: bool | None = None, integrator: bool | None = None, llm: bool | None = None,
+                      peft: bool | None = None):
+        """Freeze or unfreeze whole parts (paradigm stages call this); the config records it for saving.
+
+        `llm` is the LLM's base weights (full fine-tuning); `peft` the PEFT adapters attached to it.
+        """
         if encoder is not None:
             self.encoder.freeze(not encoder)
             self.config.encoder.frozen = not encoder
@@ -171,22 +191,30 @@ class VisionLanguageModel(nn.Module):
             for p in self._llm_own_parameters():
                 p.requires_grad_(llm)
             self.config.llm.frozen = not llm
+        if peft is not None:
+            adapters = peft_parameters(self.llm)
+            if peft and not adapters:
+                raise ConfigError("The model has no PEFT modules to train (model.peft.method is none)")
+            for p in adapters:
+                p.requires_grad_(peft)
         return self
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config.llm.frozen and not self.integrator.llm_parameters():
+        if (self.config.llm.frozen and not self.integrator.llm_parameters()
+                and not any(p.requires_grad for p in peft_parameters(self.llm))):
             self.llm.eval()  # a frozen LLM behaves as at inference (no dropout)
         return self
 
     def parameter_report(self) -> list[dict[str, Any]]:
         """Rows of component, total, trainable, trainable % of the component, and share % of the whole."""
-        inside = {id(p) for p in self.integrator.llm_parameters()}
         groups = {
             "encoder": list(self.encoder.parameters()),
             "integrator": list(self.integrator.parameters()) + self.integrator.llm_parameters(),
-            "llm": [p for p in self.llm.parameters() if id(p) not in inside],
+            "llm": self._llm_own_parameters(),
         }
+        if is_peft_model(self.llm):
+            groups["peft"] = peft_parameters(self.llm)
         rows = []
         grand = sum(p.numel() for ps in groups.values() for p in _unique(ps))
         for name, params in groups.items():
@@ -300,10 +328,14 @@ class VisionLanguageModel(nn.Module):
         inputs = self.splice(input_ids, attention_mask, visual, labels)
         self.integrator.set_visual_context(features, image_to_sample)
         try:
-            return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                            labels=inputs.labels, **llm_kwargs)
+            out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           labels=inputs.labels, **llm_kwargs)
         finally:
             self.integrator.set_visual_context(None, None)
+        n = virtual_tokens(self.llm)  # prompt tuning: logits of the prepended virtual tokens are dropped
+        if n and getattr(out, "logits", None) is not None:
+            out.logits = out.logits[:, n:]
+        return out
 
     def prepare_batch(self, conversations: Sequence[Conversation], images: Sequence[Sequence[ImageSource]],
                       add_generation_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -347,8 +379,8 @@ class VisionLanguageModel(nn.Module):
         inputs, features, image_to_sample = self._generation_inputs(conversations, image_lists)
         self.integrator.set_visual_context(features, image_to_sample)
         try:
-            out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                    streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+            out = peft_generate(self.llm, inputs.inputs_embeds, inputs.attention_mask,  # = self.llm.generate without PEFT
+                                streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
         finally:
             self.integrator.set_visual_context(None, None)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -101,11 +101,12 @@ class Trainer:
         if self.run.text_only and stage.llm == "frozen":
             raise ConfigError(f"Stage '{stage.name}' of a text-only run trains nothing that sees the text: the "
                               f"integrator gets no images. Set the stage's llm to full or peft for the baseline")
-        if stage.llm == "peft":
-            raise ConfigError("PEFT stages need the PEFT modules, which are not available in this version yet; "
-                              "use llm: frozen or full")
+        has_peft = self.model.config.peft.method != "none"
+        if stage.llm == "peft" and not has_peft:
+            raise ConfigError(f"Stage '{stage.name}' trains PEFT modules but model.peft.method is none")
+        # A frozen stage freezes the adapters too; full trains base weights and adapters together.
         self.model.set_trainable(encoder=stage.train_encoder, integrator=stage.train_integrator,
-                                 llm=stage.llm == "full")
+                                 llm=stage.llm == "full", peft=(stage.llm != "frozen") if has_peft else None)
         return sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
 
     def _optimizer(self, stage: StageSpec):
