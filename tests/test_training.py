@@ -153,3 +153,15 @@ def test_direct_adaptation_trains_lora_and_integrator_only(tiny_config, example_
     assert trained == {"integrator", "llm"}
     assert all("lora_" in n for n, p in trainer.model.llm.named_parameters() if p.requires_grad)
     assert (tmp_path / "d" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_memory_estimate_and_refusal(tiny_config, example_image, tmp_path, monkeypatch):
+    from workbench.training import memory
+
+    trainer = Trainer(_run(tiny_config), tmp_path / "m", datasets={"align": _dataset(example_image)})
+    trainer.train()
+    row = read_metrics(tmp_path / "m" / "metrics.jsonl", "memory")[0]
+    assert row["fits"] and row["optimizer"] == 2 * row["gradients"] > 0 and row["seq_len"] > 4
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    with pytest.raises(ConfigError, match="will not fit in memory.*GiB available"):
+        Trainer(_run(tiny_config), tmp_path / "m2", datasets={"align": _dataset(example_image)}).train()

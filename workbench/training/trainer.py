@@ -140,6 +140,7 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng(state)
+        self._check_memory(dataset)
         model, optimizer, scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         if self.run.training.cache_features and self.model.encoder.frozen and self.cache is None:
             self.cache = FeatureCache(self.model.encoder)
@@ -211,6 +212,25 @@ class Trainer:
         return global_step, result
 
     # ------------------------------------------------------------------ helpers
+    def _check_memory(self, dataset) -> None:
+        """Log the estimate; refuse (with the breakdown) a stage that clearly cannot fit."""
+        from .memory import estimate_training_memory
+
+        lengths = []
+        for i in range(min(len(dataset), 32)):
+            sample = dataset[i]
+            try:
+                enc = self.model.formatter.encode(sample.messages)
+                lengths.append(len(enc.input_ids) + len(sample.images) * (self.model.num_visual_tokens - 1))
+            except WorkbenchError:
+                continue
+        seq_len = max(lengths, default=self.model.config.max_length)
+        estimate = estimate_training_memory(self.model, self.run.training.batch_size, seq_len, self._precision())
+        self._log("memory", seq_len=seq_len, **estimate.as_dict())
+        if not estimate.fits:
+            raise ConfigError(f"This stage will not fit in memory: {estimate.explain()}. Lower training.batch_size, "
+                              f"use a PEFT method instead of full tuning, or a smaller LLM")
+
     def _batch(self, samples) -> dict | None:
         """Samples → model inputs; a sample that fails (image, template, length) is skipped and counted."""
         model = self.model
