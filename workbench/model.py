@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .images import ImageSource, load_image
 from .integrators import Integrator, IntegratorContext, build_integrator
 from .llm import load_llm, resolve_device
-from .peft_modules import ADAPTER_DIR, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
+from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
 from .peft_modules import generate as peft_generate
 from .peft_modules import peft_parameters, save_peft, virtual_tokens
 
@@ -216,9 +216,9 @@ class VisionLanguageModel(nn.Module):
         if is_peft_model(self.llm):
             groups["peft"] = peft_parameters(self.llm)
         rows = []
-        grand = sum(p.numel() for ps in groups.values() for p in _unique(ps))
+        grand = sum(p.numel() for ps in groups.values() for p in unique_parameters(ps))
         for name, params in groups.items():
-            params = _unique(params)
+            params = unique_parameters(params)
             total = sum(p.numel() for p in params)
             trainable = sum(p.numel() for p in params if p.requires_grad)
             rows.append({"component": name, "total": total, "trainable": trainable,
@@ -412,15 +412,6 @@ class VisionLanguageModel(nn.Module):
         thread.join()
         if errors:
             raise errors[0]
-
-
-def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 def format_parameter_table(rows: list[dict[str, Any]]) -> str:

@@ -119,7 +119,7 @@ def peft_parameters(llm: nn.Module) -> list[nn.Parameter]:
             out += list(module.modules_to_save.parameters())
         if isinstance(module, _BaseAdaptedAttention):
             out += [module.adaption_prompt, module.adaption_gate]
-    return _unique(out)
+    return unique_parameters(out)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -390,7 +390,8 @@ def _quiet():
         yield
 
 
-def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+def unique_parameters(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Each parameter once, in order (tied weights and shared modules appear in several lists)."""
     seen, out = set(), []
     for p in params:
         if id(p) not in seen:
