@@ -166,3 +166,19 @@ def test_config_from_dict_and_unknown_integrator_option(tiny_config):
     data["integrator"]["options"] = {"depht": 2}
     with pytest.raises(ConfigError, match=r"Unknown option 'depht'.*Valid options: depth"):
         VisionLanguageModel.from_config(data)
+
+
+def test_answer_logits_only_gives_the_same_loss_and_gradients(tiny_model, example_image):
+    long = [{"role": "user", "content": "<image>\nis there a circle in the image ? the quick brown fox"},
+            {"role": "assistant", "content": "yes it is"}]
+    batch = tiny_model.prepare_batch([QA, long], [[example_image], [example_image]])
+    full = tiny_model(**batch)
+    full.loss.backward()
+    grads = [p.grad.clone() for p in tiny_model.integrator.parameters()]
+    tiny_model.zero_grad()
+    fast = tiny_model(**batch, answer_logits_only=True)
+    fast.loss.backward()
+    assert torch.allclose(full.loss, fast.loss, atol=1e-5)
+    assert fast.logits.shape[1] < full.logits.shape[1]
+    for g, p in zip(grads, tiny_model.integrator.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)

@@ -141,6 +141,19 @@ def test_vqa_accuracy_normalisation():
     assert without_images([{"role": "user", "content": "<image>\nwhat?"}]) == [{"role": "user", "content": "what?"}]
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt"])
+def test_direct_adaptation_with_every_peft_method(tiny_config, example_image, tmp_path, method):
+    run = _run(tiny_config)
+    run.model.peft.method = method
+    run.stages = None
+    run.paradigm = "direct"
+    trainer = Trainer(run, tmp_path / method, datasets={"adapt": _dataset(example_image)})
+    assert trainer.train()["status"] == "completed"
+    losses = [r["loss"] for r in read_metrics(tmp_path / method / "metrics.jsonl", "train")]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    assert not any(p.requires_grad for p in trainer.model.encoder.parameters())
+
+
 def test_direct_adaptation_trains_lora_and_integrator_only(tiny_config, example_image, tmp_path):
     run = _run(tiny_config)
     run.model.peft.method = "lora"

@@ -319,20 +319,33 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ forward (training)
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                image_to_sample: torch.Tensor | None = None, **llm_kwargs):
-        """Loss/logits for a padded batch. Give `pixel_values` or precomputed `image_features` (cache)."""
+                image_to_sample: torch.Tensor | None = None, answer_logits_only: bool = False, **llm_kwargs):
+        """Loss/logits for a padded batch. Give `pixel_values` or precomputed `image_features` (cache).
+
+        `answer_logits_only` (training): the LM head runs only at positions that predict an answer token,
+        not over the whole sequence. Same loss, and the full-vocabulary projection is ~20% of the
+        compute of a small LLM; `logits` then holds only those positions.
+        """
         features = image_features
         if features is None and pixel_values is not None:
             features = self.encode_images(pixel_values)
         visual = self.visual_tokens(features) if features is not None else None
         inputs = self.splice(input_ids, attention_mask, visual, labels)
+        n = virtual_tokens(self.llm)
+        keep = None
+        if answer_logits_only and inputs.labels is not None and not n:
+            targets = inputs.labels[:, 1:]
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # positions predicting answers
+            llm_kwargs["logits_to_keep"] = keep
         self.integrator.set_visual_context(features, image_to_sample)
         try:
             out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                           labels=inputs.labels, **llm_kwargs)
+                           labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
             self.integrator.set_visual_context(None, None)
-        n = virtual_tokens(self.llm)  # prompt tuning: logits of the prepended virtual tokens are dropped
+        if keep is not None:
+            out.loss = nn.functional.cross_entropy(out.logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                                   ignore_index=IGNORE_INDEX)  # prompt tuning: logits of the prepended virtual tokens are dropped
         if n and getattr(out, "logits", None) is not None:
             out.logits = out.logits[:, n:]
         return out

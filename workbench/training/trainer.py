@@ -170,7 +170,7 @@ class Trainer:
                 if batch is None:
                     continue
                 with self.accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch, answer_logits_only=True).loss
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
                         norm = self.accelerator.clip_grad_norm_(
