@@ -69,3 +69,11 @@ def test_malformed_messages(formatter, bad, fragment):
 def test_placeholders_are_added_in_front_when_missing():
     assert with_image_placeholders("hi", 2) == "<image>\n<image>\nhi"
     assert with_image_placeholders("a <image> b", 1) == "a <image> b"
+
+
+def test_system_prompt_is_added_only_when_missing():
+    formatter = PromptFormatter(make_tokenizer(), system_prompt="Answer in one word.")
+    enc = formatter.encode([{"role": "user", "content": "hi"}])
+    assert enc.text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+    own = formatter.encode([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}])
+    assert "Answer in one word." not in own.text and "Be kind." in own.text

@@ -94,6 +94,8 @@ class ModelConfig:
     peft: PeftSpec = field(default_factory=PeftSpec)
     image_token: str = "<image>"
     max_length: int = 2048
+    system_prompt: str | None = None
+    """System message added to conversations that have none; None keeps the chat template's own default."""
 
     def validate(self) -> "ModelConfig":
         if self.encoder.image_aspect not in ("pad", "resize", "crop"):

@@ -54,7 +54,7 @@ class VisionLanguageModel(nn.Module):
         self.integrator = integrator
         self.llm = llm
         self.tokenizer = tokenizer
-        self.formatter = PromptFormatter(tokenizer, config.image_token)
+        self.formatter = PromptFormatter(tokenizer, config.image_token, config.system_prompt)
         integrator.attach(base_llm(llm))  # in-LLM modules go into the transformers model, under any PEFT wrapper
 
     # ------------------------------------------------------------------ construction
