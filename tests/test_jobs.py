@@ -86,3 +86,31 @@ def test_cancel_is_graceful(tiny_config, llava_data, tmp_path):
     assert latest_checkpoint(run_dir) is not None
     with pytest.raises(ConfigError, match="No run"):
         registry.get("nope")
+
+
+def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp_path):
+    """DDP over gloo on loopback, launched the way accelerate/torchrun launch a multi-GPU run."""
+    import subprocess
+    import sys
+
+    from workbench.config import save_run_config
+    from workbench.training.metrics import read_metrics
+
+    run_dir = tmp_path / "ddp"
+    run_dir.mkdir()
+    save_run_config(_config(tiny_config, llava_data, epochs=2), run_dir / "run.yaml")
+    import socket
+
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "workbench.worker",
+                             str(run_dir)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
+    stage = read_metrics(run_dir / "metrics.jsonl", "stage")
+    assert len(stage) == 1  # one log, written by the main process only
+    assert stage[0]["batches"] == 4  # 8 samples split over 2 processes, batch 2, 2 epochs
+    assert (run_dir / "model" / "integrator.safetensors").is_file()

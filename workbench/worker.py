@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import sys
 import time
 import traceback
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
     exit_file = run_dir / "exit.json"
 
     def finish(status: str, code: int, reason: str | None = None) -> int:
+        if os.environ.get("RANK", "0") != "0":  # multi-process: the main process speaks for the run
+            return code
         if exit_file.exists():  # a late signal must not overwrite how the run really ended
             return code
         tmp = exit_file.with_suffix(".tmp")

@@ -85,8 +85,10 @@ class Trainer:
                 global_step, stage_result = self._run_stage(index, stages[index], global_step,
                                                             start if resuming else None, resuming)
                 result.setdefault("stages", []).append(stage_result)
-            final = self.model.save_pretrained(self.dir / "model")
-            result["model_dir"] = str(final)
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                self.model.save_pretrained(self.dir / "model")
+            result["model_dir"] = str(self.dir / "model")
         except Cancelled:
             result["status"] = "cancelled"
         finally:
@@ -131,7 +133,7 @@ class Trainer:
         dataset = self._dataset(stage)
         eval_dataset = self._eval_data(stage)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_epoch = math.ceil(len(dataset) / (t.batch_size * world))
+        per_epoch = math.ceil((len(dataset) // world) / t.batch_size)
         total_batches = stage.max_steps * t.grad_accum if stage.max_steps else math.ceil(per_epoch * stage.epochs)
         total_updates = max(1, total_batches // t.grad_accum)
         optimizer = self._optimizer(stage)
@@ -156,7 +158,8 @@ class Trainer:
         model.train()
         while done < total_batches:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed + 1000 * index + epoch))
-            batches = order[rank::world].split(t.batch_size)
+            # Every process gets the same number of batches (DDP waits for all of them at each step).
+            batches = order[: len(order) - len(order) % world][rank::world].split(t.batch_size)
             for b, idx in enumerate(batches):
                 if b < skip:
                     continue
@@ -195,7 +198,8 @@ class Trainer:
                     score = self._evaluate(eval_dataset, index, global_step)
                     if score > best:
                         best, patience = score, 0
-                        self.model.save_pretrained(self.dir / "best")
+                        if self.accelerator.is_main_process:
+                            self.model.save_pretrained(self.dir / "best")
                     else:
                         patience += 1
                         if t.early_stopping_patience and patience >= t.early_stopping_patience:
@@ -308,6 +312,9 @@ class Trainer:
         self._cancel = True
 
     def _log(self, kind: str, **values) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and not accelerator.is_main_process:
+            return  # one log per run, written by the main process
         row = self.metrics.write(kind, **values)
         if self.on_log is not None:
             self.on_log(row)
