@@ -89,16 +89,29 @@ def test_cancel_is_graceful(tiny_config, llava_data, tmp_path):
 
 
 def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp_path):
-    """DDP over gloo on loopback, launched the way accelerate/torchrun launch a multi-GPU run."""
+    """DDP over gloo on loopback, launched the way accelerate/torchrun launch a multi-GPU run.
+
+    Some rows point at a truncated image (header fine, pixels cut): at batch size 1 a rank then has a
+    batch with nothing usable while the other trains, which must not desynchronise the processes.
+    """
     import subprocess
     import sys
+
+    from PIL import Image
+
+    truncated = tmp_path / "cut.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    rows = json.loads(llava_data.read_text())
+    rows += [{**rows[0], "id": f"bad{i}", "image": str(truncated)} for i in range(8)]
+    llava_data.write_text(json.dumps(rows))
 
     from workbench.config import save_run_config
     from workbench.training.metrics import read_metrics
 
     run_dir = tmp_path / "ddp"
     run_dir.mkdir()
-    save_run_config(_config(tiny_config, llava_data, epochs=2), run_dir / "run.yaml")
+    save_run_config(_config(tiny_config, llava_data, epochs=1, batch_size=1), run_dir / "run.yaml")
     import socket
 
     with socket.socket() as probe:  # a free loopback port for the rendezvous
@@ -112,5 +125,6 @@ def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
     stage = read_metrics(run_dir / "metrics.jsonl", "stage")
     assert len(stage) == 1  # one log, written by the main process only
-    assert stage[0]["batches"] == 4  # 8 samples split over 2 processes, batch 2, 2 epochs
+    assert stage[0]["batches"] == 8  # 16 rows split over 2 processes, batch 1
+    assert read_metrics(run_dir / "metrics.jsonl", "end")[0]["skipped"]["unreadable image"] >= 1
     assert (run_dir / "model" / "integrator.safetensors").is_file()

@@ -170,6 +170,10 @@ class Trainer:
                     raise Cancelled()
                 batch = self._batch([dataset[i] for i in idx.tolist()])
                 done += 1
+                if world > 1:  # all processes step together or skip together, or DDP's all-reduce would hang
+                    ready = torch.tensor([0 if batch is None else 1], device=self.accelerator.device)
+                    if self.accelerator.reduce(ready, reduction="sum").item() < world:
+                        batch = None
                 if batch is None:
                     continue
                 with self.accelerator.accumulate(model):
@@ -189,7 +193,8 @@ class Trainer:
                 if global_step % t.log_every == 0 or done == total_batches:
                     elapsed = time.perf_counter() - window_start
                     self._log("train", stage=index, step=global_step, batch=done, batches=total_batches,
-                              epoch=epoch + b / max(1, len(batches)), loss=sum(window_loss) / len(window_loss),
+                              epoch=epoch + b / max(1, len(batches)),
+                              loss=sum(window_loss) / len(window_loss) if window_loss else float("nan"),
                               lr=scheduler.get_last_lr()[0], grad_norm=float(norm),
                               samples_per_s=window_samples / max(elapsed, 1e-9), memory_mb=_memory_mb(),
                               skipped=sum(self.skipped.values()))
