@@ -118,10 +118,17 @@ def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "workbench.worker",
-                             str(run_dir)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang: take the whole process group down, not just the launcher
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("the 2-process run hung:\n" + stdout[-2000:] + stderr[-2000:])
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
     stage = read_metrics(run_dir / "metrics.jsonl", "stage")
     assert len(stage) == 1  # one log, written by the main process only
