@@ -81,4 +81,7 @@ def test_train_runs_and_eval_from_the_command_line(tiny_config, example_image, t
     assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "on 4 questions" in out
-    assert (tmp_path / "runs" / run_id / "eval-llava.json").is_file()
+    assert (tmp_path / "runs" / run_id / "eval-llava-vqa.json").is_file()
+    assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options,
+                 "--task", "captions"]) == 0
+    assert "CIDEr-D" in capsys.readouterr().out

@@ -190,7 +190,7 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data.loaders import load_dataset_spec
-    from .evaluation import evaluate_vqa
+    from .evaluation import evaluate_captions, evaluate_vqa
     from .jobs import RunRegistry
     from .model import VisionLanguageModel
 
@@ -208,15 +208,21 @@ def cmd_eval(args) -> int:
         data = data.subset(args.limit, seed=0)
     model = VisionLanguageModel.from_pretrained(model_dir, device=args.device)
     started = time.perf_counter()
-    result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
+    if args.task == "captions":
+        result = evaluate_captions(model, data, batch_size=args.batch_size)
+    else:
+        result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
     seconds = time.perf_counter() - started
     trainable = next(r for r in model.parameter_report() if r["component"] == "total")
     result.update(model=str(model_dir), data=args.data, seconds=seconds, samples_per_s=result["count"] / seconds,
                   trainable_pct=trainable["trainable_pct"])
-    print(f"accuracy {result['accuracy']:.4f} on {result['count']} questions ({seconds:.0f} s)")
-    for kind, acc in result["by_type"].items():
-        print(f"  {kind:<8} {acc:.4f}")
-    out = target / f"eval-{args.data}{'-text-only' if args.text_only else ''}.json"
+    if args.task == "captions":
+        print(f"BLEU-4 {result['bleu4']:.4f}  CIDEr-D {result['cider']:.3f} on {result['count']} images ({seconds:.0f} s)")
+    else:
+        print(f"accuracy {result['accuracy']:.4f} on {result['count']} questions ({seconds:.0f} s)")
+        for kind, acc in result["by_type"].items():
+            print(f"  {kind:<8} {acc:.4f}")
+    out = target / f"eval-{args.data}-{args.task}{'-text-only' if args.text_only else ''}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"written to {out}")
     return 0
@@ -262,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", help='extra loader options as JSON, e.g. \'{"json_path": "x.json"}\'')
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this size")
     p.add_argument("--which", default="model", choices=["model", "best"])
+    p.add_argument("--task", default="vqa", choices=["vqa", "captions"], help="VQA accuracy or BLEU-4/CIDEr-D")
     p.add_argument("--text-only", action="store_true", help="ask without the images (text-only baseline)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
