@@ -248,7 +248,7 @@ class DataSpec:
 
 @dataclass
 class StageSpec:
-    """One stage of a paradigm: its data, what trains, and at which learning rate (0 or absent = frozen)."""
+    """One stage of a paradigm: its data, which parts train, and their learning rates."""
 
     name: str = "train"
     data: DataSpec | None = None
@@ -304,7 +304,6 @@ class RunConfig:
     data: DataSpec = field(default_factory=DataSpec)
     eval_data: DataSpec | None = None
     training: TrainingSpec = field(default_factory=TrainingSpec)
-    output_dir: str = "runs"
     text_only: bool = False
     """Train and evaluate without the images: the text-only baseline of the same recipe."""
 
