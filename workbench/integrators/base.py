@@ -41,6 +41,10 @@ class Integrator(nn.Module):
     def __init__(self, context: IntegratorContext):
         super().__init__()
         self.context = context
+        self.record_attention = False
+        """When True, attention-based integrators keep their latest attention maps in `last_attention`
+        (the attention views turn them into maps over image patches); off in training and chat."""
+        self.last_attention: dict[str, torch.Tensor] = {}
 
     @property
     def num_tokens(self) -> int:
