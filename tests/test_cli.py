@@ -81,7 +81,11 @@ def test_train_runs_and_eval_from_the_command_line(tiny_config, example_image, t
     assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "on 4 questions" in out
-    assert (tmp_path / "runs" / run_id / "eval-llava-vqa.json").is_file()
+    assert "efficiency:" in out and "% trainable" in out and "peak memory" in out
+    report = json.loads((tmp_path / "runs" / run_id / "eval-llava-vqa.json").read_text())
+    assert report["peak_memory_mb"] > 0 and report["samples_per_s"] > 0 and 0 < report["trainable_pct"] < 100
+    assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options,
+                 "--precision", "fp32"]) == 0
     assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options,
                  "--task", "captions"]) == 0
     assert "CIDEr-D" in capsys.readouterr().out

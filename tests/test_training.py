@@ -178,3 +178,28 @@ def test_memory_estimate_and_refusal(tiny_config, example_image, tmp_path, monke
     monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
     with pytest.raises(ConfigError, match="will not fit in memory.*GiB available"):
         Trainer(_run(tiny_config), tmp_path / "m2", datasets={"align": _dataset(example_image)}).train()
+
+
+def test_a_time_budget_stops_the_stage_and_anneals_the_learning_rate(tiny_config, example_image, tmp_path,
+                                                                     monkeypatch):
+    import workbench.training.trainer as trainer_module
+
+    clock = {"now": 1000.0}
+
+    def fake_clock():  # each call advances 1 s: the 3-second budget runs out after a few batches
+        clock["now"] += 1.0
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", fake_clock)
+    run = _run(tiny_config)
+    run.stages = [StageSpec(name="align", lr=1e-2, epochs=50, max_minutes=0.1)]  # 6 s of the fake clock
+    result = Trainer(run, tmp_path / "run", datasets={"align": _dataset(example_image)}).train()
+    assert result["status"] == "completed"
+    budget = read_metrics(tmp_path / "run" / "metrics.jsonl", "time_budget")
+    assert len(budget) == 1 and budget[0]["minutes"] == 0.1
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert 0 < len(rows) < 6  # 50 epochs × 3 batches were allowed by steps; time stopped it
+    lrs = [r["lr"] for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-2 * 0.5  # decayed by the clock, not the step count
+    with pytest.raises(ConfigError, match="max_minutes"):
+        RunConfig(stages=[StageSpec(max_minutes=0)]).validate()

@@ -206,22 +206,30 @@ def cmd_eval(args) -> int:
     data = load_dataset_spec(args.data, **options)
     if args.limit:
         data = data.subset(args.limit, seed=0)
+    from .llm import autocast
+    from .training.memory import peak_memory_mb
+
     model = VisionLanguageModel.from_pretrained(model_dir, device=args.device)
     started = time.perf_counter()
-    if args.task == "captions":
-        result = evaluate_captions(model, data, batch_size=args.batch_size)
-    else:
-        result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
+    with autocast(model.device, args.precision):
+        if args.task == "captions":
+            result = evaluate_captions(model, data, batch_size=args.batch_size)
+        else:
+            result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
     seconds = time.perf_counter() - started
     trainable = next(r for r in model.parameter_report() if r["component"] == "total")
     result.update(model=str(model_dir), data=args.data, seconds=seconds, samples_per_s=result["count"] / seconds,
-                  trainable_pct=trainable["trainable_pct"])
+                  trainable_pct=trainable["trainable_pct"], trainable_params=trainable["trainable"],
+                  peak_memory_mb=peak_memory_mb(), precision=args.precision, device=str(model.device))
     if args.task == "captions":
         print(f"BLEU-4 {result['bleu4']:.4f}  CIDEr-D {result['cider']:.3f} on {result['count']} images ({seconds:.0f} s)")
     else:
         print(f"accuracy {result['accuracy']:.4f} on {result['count']} questions ({seconds:.0f} s)")
         for kind, acc in result["by_type"].items():
             print(f"  {kind:<8} {acc:.4f}")
+    print(f"efficiency: {result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters), "
+          f"{result['samples_per_s']:.1f} samples/s, {seconds:.0f} s wall, peak memory {result['peak_memory_mb']:.0f} MB "
+          f"({result['device']}, {args.precision})")
     out = target / f"eval-{args.data}-{args.task}{'-text-only' if args.text_only else ''}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"written to {out}")
@@ -272,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="ask without the images (text-only baseline)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_eval)
 

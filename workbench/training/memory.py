@@ -65,3 +65,17 @@ def estimate_training_memory(model, batch_size: int, seq_len: int, precision: st
     logits = batch_size * seq_len * getattr(cfg, "vocab_size", 0) * 4 * 2  # logits and their gradient, fp32
     device = model.device
     return MemoryEstimate(weights, gradients, optimizer, activations, logits, available_memory(device), str(device))
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: CUDA allocations on GPU, resident set size on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return 0.0

@@ -25,6 +25,7 @@ from ..images import load_image
 from ..paradigms import resolve_stages
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from .feature_cache import FeatureCache
+from .memory import peak_memory_mb
 from .metrics import MetricsLog
 
 CANCEL_FILE = "CANCEL"
@@ -137,7 +138,14 @@ class Trainer:
         total_batches = stage.max_steps * t.grad_accum if stage.max_steps else math.ceil(per_epoch * stage.epochs)
         total_updates = max(1, total_batches // t.grad_accum)
         optimizer = self._optimizer(stage)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_updates), total_updates)
+        budget = stage.max_minutes * 60 if stage.max_minutes else None
+        stage_start = time.perf_counter() - (position.get("stage_seconds", 0.0) if position else 0.0)
+        warmup = int(t.warmup_ratio * total_updates)
+        if budget is None:
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_updates)
+        else:
+            scheduler = _budget_schedule(optimizer, warmup, total_updates,
+                                         lambda: (time.perf_counter() - stage_start) / budget)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -166,8 +174,13 @@ class Trainer:
                 if done >= total_batches:
                     break
                 if self._cancel or (self.dir / CANCEL_FILE).exists():
-                    self._checkpoint(index, global_step, epoch, b, done, trainable, optimizer, scheduler)
+                    self._checkpoint(index, global_step, epoch, b, done, trainable, optimizer, scheduler,
+                                     stage_seconds=time.perf_counter() - stage_start)
                     raise Cancelled()
+                if budget is not None and time.perf_counter() - stage_start >= budget:
+                    self._log("time_budget", stage=index, step=global_step, minutes=stage.max_minutes)
+                    done = total_batches
+                    break
                 batch = self._batch([dataset[i] for i in idx.tolist()])
                 done += 1
                 if world > 1:  # all processes step together or skip together, or DDP's all-reduce would hang
@@ -196,7 +209,7 @@ class Trainer:
                               epoch=epoch + b / max(1, len(batches)),
                               loss=sum(window_loss) / len(window_loss) if window_loss else float("nan"),
                               lr=scheduler.get_last_lr()[0], grad_norm=float(norm),
-                              samples_per_s=window_samples / max(elapsed, 1e-9), memory_mb=_memory_mb(),
+                              samples_per_s=window_samples / max(elapsed, 1e-9), memory_mb=peak_memory_mb(),
                               skipped=sum(self.skipped.values()))
                     window_loss, window_samples, window_start = [], 0, time.perf_counter()
                 if t.eval_every and global_step % t.eval_every == 0 and eval_dataset is not None:
@@ -212,7 +225,8 @@ class Trainer:
                             done = total_batches
                             break
                 if t.save_every and global_step % t.save_every == 0:
-                    self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler)
+                    self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler,
+                                     stage_seconds=time.perf_counter() - stage_start)
             epoch, skip = epoch + 1, 0
         result = {"stage": stage.name, "steps": global_step}
         if eval_dataset is not None:
@@ -293,24 +307,30 @@ class Trainer:
     def _evaluate(self, dataset, stage: int, step: int) -> float:
         from ..evaluation import evaluate_vqa
 
-        result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2,
-                              text_only=self.run.text_only)
+        with self.accelerator.autocast():  # evaluate in the precision the run trains in
+            result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2,
+                                  text_only=self.run.text_only)
         self._log("eval", stage=stage, step=step, accuracy=result["accuracy"], by_type=result["by_type"],
                   count=result["count"], examples=result["examples"][:3])
         return result["accuracy"]
 
-    def _checkpoint(self, stage, step, epoch, batch, done, trainable, optimizer, scheduler, stage_done=False):
+    def _checkpoint(self, stage, step, epoch, batch, done, trainable, optimizer, scheduler, stage_done=False,
+                    stage_seconds: float = 0.0):
         if not self.accelerator.is_main_process:
             return
         info = {"stage": stage, "global_step": step, "epoch": epoch, "batch": batch, "stage_batches": done,
-                "trainable": trainable, "stage_done": stage_done, "time": time.time()}
+                "trainable": trainable, "stage_done": stage_done, "time": time.time(), "stage_seconds": stage_seconds}
         path = save_checkpoint(self.dir, self.model, optimizer, scheduler, info, self.run.training.keep_last)
         self._log("checkpoint", path=path.name, step=step, stage=stage)
 
     def _precision(self) -> str:
+        from ..llm import cpu_has_fast_bf16
+
         p = self.run.training.precision
-        if p == "auto":
-            return "bf16" if self.model.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        if p == "auto":  # bf16 autocast where the hardware does bf16 natively; the trained weights stay fp32
+            if self.model.device.type == "cuda":
+                return "bf16" if torch.cuda.is_bf16_supported() else "no"
+            return "bf16" if self.model.device.type == "cpu" and cpu_has_fast_bf16() else "no"
         return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
 
     def _request_cancel(self, *_):
@@ -325,15 +345,17 @@ class Trainer:
             self.on_log(row)
 
 
-def _memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
+def _budget_schedule(optimizer, warmup: int, total: int, spent: Callable[[], float]):
+    """Linear warmup, then cosine decay over whichever runs out first: the steps or the time budget."""
+    from torch.optim.lr_scheduler import LambdaLR
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except Exception:
-        return 0.0
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = max((step - warmup) / max(1, total - warmup), spent())
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return LambdaLR(optimizer, factor)
 
 
 def _main_thread() -> bool:
