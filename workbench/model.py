@@ -75,6 +75,7 @@ class VisionLanguageModel(nn.Module):
         context = IntegratorContext(
             vision_dim=encoder.feature_dim, num_input_tokens=encoder.num_tokens, grid=encoder.grid,
             has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
+            text_embedding_norm=_text_embedding_norm(llm),
         )
         integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
         if config.peft.method == "none":
@@ -425,6 +426,13 @@ class VisionLanguageModel(nn.Module):
         thread.join()
         if errors:
             raise errors[0]
+
+
+def _text_embedding_norm(llm: nn.Module) -> float:
+    """Mean L2 norm of the input embedding rows (a sample of them: the vocabulary can be large)."""
+    weight = llm.get_input_embeddings().weight
+    rows = weight[:: max(1, weight.shape[0] // 4096)]
+    return float(rows.detach().float().norm(dim=-1).mean())
 
 
 def format_parameter_table(rows: list[dict[str, Any]]) -> str:

@@ -31,6 +31,27 @@ class IntegratorContext:
     """Width of the LLM's input embeddings."""
     llm_config: object | None = None
     """The LLM's transformers config, for in-LLM integrators that need layer counts and heads."""
+    text_embedding_norm: float | None = None
+    """Mean L2 norm of the LLM's input embedding rows: the scale visual tokens should live at."""
+
+
+class TextScaleNorm(nn.Module):
+    """LayerNorm whose gain starts so that visual tokens have the L2 norm of the LLM's text embeddings.
+
+    Unnormalised projectors trained against a frozen LLM drift to huge token norms (measured: 228 vs
+    3.2 for SmolLM2's text embeddings after 300 steps), which swamp the residual stream and slow
+    learning. Pinning the scale at the text embeddings' keeps visual and text tokens comparable.
+    """
+
+    def __init__(self, context: IntegratorContext):
+        super().__init__()
+        self.norm = nn.LayerNorm(context.llm_hidden)
+        target = context.text_embedding_norm or context.llm_hidden ** 0.5
+        with torch.no_grad():
+            self.norm.weight.fill_(target / context.llm_hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
 
 
 class Integrator(nn.Module):

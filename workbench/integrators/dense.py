@@ -5,32 +5,34 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext
+from .base import Integrator, IntegratorContext, TextScaleNorm
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class _TokenProjector(Integrator):
-    def __init__(self, context: IntegratorContext, input_norm: bool):
+    def __init__(self, context: IntegratorContext, input_norm: bool, output_norm: bool):
         super().__init__(context)
-        # CNN features are unnormalised (post-ReLU6 for MobileNetV2); a LayerNorm in front steadies training.
-        # On by default; input_norm=false gives LLaVA's projector exactly.
+        # CNN features are unnormalised (post-ReLU6 for MobileNetV2); a LayerNorm in front steadies training,
+        # and one behind keeps visual tokens at the text embeddings' scale. Both on by default;
+        # input_norm=false, output_norm=false give LLaVA's projector exactly.
         self.norm = nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity()
+        self.out_norm = TextScaleNorm(context) if output_norm else nn.Identity()
 
     @property
     def num_tokens(self) -> int:
         return self.context.num_input_tokens
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(features))
+        return self.out_norm(self.proj(self.norm(features)))
 
 
 @INTEGRATORS.register("linear", family="dense projector", follows="LLaVA (Liu et al., 2023)",
                       paradigms=["single-stage", "two-stage"], placement="prefix",
                       description="One linear map per visual token")
 class LinearProjector(_TokenProjector):
-    def __init__(self, context: IntegratorContext, input_norm: bool = True):
-        super().__init__(context, input_norm)
+    def __init__(self, context: IntegratorContext, input_norm: bool = True, output_norm: bool = True):
+        super().__init__(context, input_norm, output_norm)
         self.proj = nn.Linear(context.vision_dim, context.llm_hidden)
 
 
@@ -39,8 +41,8 @@ class LinearProjector(_TokenProjector):
                       description="MLP with GELU per visual token (depth 2 = LLaVA-1.5's mlp2x_gelu)")
 class MLPProjector(_TokenProjector):
     def __init__(self, context: IntegratorContext, depth: int = 2, hidden_dim: int | None = None,
-                 activation: str = "gelu", input_norm: bool = True, dropout: float = 0.0):
-        super().__init__(context, input_norm)
+                 activation: str = "gelu", input_norm: bool = True, output_norm: bool = True, dropout: float = 0.0):
+        super().__init__(context, input_norm, output_norm)
         if depth < 1:
             raise ValueError("depth must be at least 1")
         if activation not in _ACTIVATIONS:
