@@ -27,6 +27,6 @@ def build_integrator(spec: IntegratorSpec, context: IntegratorContext) -> Integr
         raise ConfigError(f"Integrator '{spec.name}' rejected its options {spec.options}: {e}") from None
 
 
-from . import dense  # noqa: E402,F401
+from . import abstractors, convolutional, dense, gated_xattn, lavin, llama_adapter  # noqa: E402,F401
 
 __all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator"]
