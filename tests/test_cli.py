@@ -89,3 +89,44 @@ def test_train_runs_and_eval_from_the_command_line(tiny_config, example_image, t
     assert main(["eval", run_id, "--runs", runs, "--data", "llava", "--split", "", "--options", options,
                  "--task", "captions"]) == 0
     assert "CIDEr-D" in capsys.readouterr().out
+
+
+def test_any_integrator_is_picked_on_the_command_line(tiny_config_file, capsys):
+    assert main(["info", str(tiny_config_file), "--integrator", "qformer",
+                 "--set", "integrator.options.num_queries=8"]) == 0
+    out = capsys.readouterr().out
+    assert "integrator  qformer {'num_queries': 8}: 8 visual tokens per image" in out
+    assert main(["info", str(tiny_config_file), "--set", "model.integrator.name=avg_pool",
+                 "--set", "integrator.options={num_tokens: 1}"]) == 0
+    assert "1 visual tokens per image" in capsys.readouterr().out
+
+
+def test_bad_overrides_are_one_readable_line(tiny_config_file, tiny_model, tmp_path, capsys):
+    for argv in (["--set", "no-equals-sign"], ["--integrator", "magic"], ["--set", "integrator.nope=1"]):
+        assert main(["info", str(tiny_config_file), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
+    saved = tiny_model.save_pretrained(tmp_path / "saved")
+    assert main(["info", str(saved), "--integrator", "mlp"]) == 2
+    assert "not a saved model directory" in capsys.readouterr().err
+
+
+def test_components_lists_every_registry_and_costs_integrators(tiny_config_file, capsys):
+    import json
+
+    from workbench.integrators import INTEGRATORS
+
+    assert main(["components", "integrators", "--for", str(tiny_config_file), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["integrators"]}
+    assert set(rows) == set(INTEGRATORS.names()) and len(rows) >= 10
+    for name, row in rows.items():
+        assert row["family"] and row["follows"] and row["paradigms"] and row["placement"] in ("prefix", "in_llm")
+        if "error" not in row:
+            assert row["trainable_params"] > 0 and row["visual_tokens"] >= 0
+    assert rows["mlp"]["visual_tokens"] == 4  # the tiny encoder's 2×2 grid
+    assert rows["qformer"]["visual_tokens"] == 32 and rows["gated_xattn"]["placement"] == "in_llm"
+    assert main(["components"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:"):
+        assert heading in out
+    assert "mobilenet_v2" in out and "smollm2-135m-instruct" in out and "lora" in out and "two-stage" in out

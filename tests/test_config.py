@@ -56,3 +56,20 @@ def test_float_strings_from_yaml_are_coerced():
 
     assert from_dict(T, {"lr": "1e-3"}).lr == pytest.approx(1e-3)
     assert to_dict(from_dict(T, {"lr": 2})) == {"lr": 2.0}
+
+
+def test_run_config_overrides_from_the_command_line(tmp_path):
+    from workbench.config import apply_overrides, load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  integrator: {name: mlp}\ntraining: {batch_size: 16}\n")
+    run = load_run_config(path, ["model.integrator.name=resampler", "training.batch_size=4",
+                                 "model.integrator.options={num_latents: 8}", "name=my run"])
+    assert run.model.integrator.name == "resampler" and run.model.integrator.options == {"num_latents": 8}
+    assert run.training.batch_size == 4 and run.name == "my run"
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["training.batch_size"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"name": "x"}, ["name.first=1"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_run_config(path, ["training.batch_size=many"])

@@ -50,8 +50,11 @@ def cmd_info(args) -> int:
     from .model import VisionLanguageModel, format_parameter_table
 
     target = Path(args.target)
+    overrides = _overrides(args)
+    if target.is_dir() and overrides:
+        raise WorkbenchError("--set/--integrator change a config file, not a saved model directory")
     model = (VisionLanguageModel.from_pretrained(target) if target.is_dir()
-             else VisionLanguageModel.from_config(load_model_config(target)))
+             else VisionLanguageModel.from_config(load_model_config(target, overrides)))
     c = model.config
     print(f"encoder     {c.encoder.name}{' (' + c.encoder.model + ')' if c.encoder.model else ''}: grid "
           f"{model.encoder.grid[0]}×{model.encoder.grid[1]}, {model.encoder.feature_dim}-d, "
@@ -61,6 +64,54 @@ def cmd_info(args) -> int:
           f"{model.dtype} on {model.device}")
     print()
     print(format_parameter_table(model.parameter_report()))
+    return 0
+
+
+def _overrides(args, prefix: str = "") -> list[str]:
+    """--set key=value items, plus the --integrator/--encoder/--llm shortcuts (keys of the model config)."""
+    items = list(getattr(args, "set", None) or [])
+    for part in ("encoder", "integrator", "llm"):
+        name = getattr(args, part, None)
+        if name:
+            items.append(f"{prefix}{part}.name={name}")
+    return items
+
+
+def cmd_components(args) -> int:
+    """What can be picked, with the metadata the app shows; integrators costed for a config's encoder + LLM."""
+    from .encoders import ENCODERS
+    from .integrators import integrator_catalog
+    from .llm import LLMS
+    from .paradigms import PARADIGMS
+    from .peft_modules import METHODS
+
+    kinds = [args.kind] if args.kind != "all" else ["encoders", "integrators", "llms", "peft", "paradigms"]
+    out: dict[str, list] = {}
+    for kind in kinds:
+        if kind == "integrators":
+            context = None
+            if args.for_config:
+                from .config import load_model_config
+                from .model import VisionLanguageModel
+
+                context = VisionLanguageModel.from_config(load_model_config(args.for_config)).integrator.context
+            out[kind] = integrator_catalog(context)
+        elif kind == "peft":
+            out[kind] = [{"name": m} for m in METHODS]
+        else:
+            registry = {"encoders": ENCODERS, "llms": LLMS, "paradigms": PARADIGMS}[kind]
+            out[kind] = [{"name": e.name, **{k: v for k, v in e.info.items() if isinstance(v, (str, int, float, bool, list))}}
+                         for e in registry.entries()]
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for kind, rows in out.items():
+        print(f"{kind}:")
+        for r in rows:
+            extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "description", "explanation"))
+            text = r.get("description") or r.get("explanation") or ""
+            print(f"  {r['name']:<24}{text}" + (f"\n  {'':<24}{extra}" if extra else ""))
+        print()
     return 0
 
 
@@ -113,7 +164,7 @@ def cmd_train(args) -> int:
     from .jobs import RunRegistry
     from . import worker
 
-    config = load_run_config(args.config)
+    config = load_run_config(args.config, _overrides(args, prefix="model."))
     if args.name:
         config.name = args.name
     registry = RunRegistry(args.runs)
@@ -236,6 +287,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_override_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--integrator", help="use this integrator instead of the config's (workbench components integrators)")
+    p.add_argument("--encoder", help="use this encoder instead of the config's")
+    p.add_argument("--llm", help="use this LLM instead of the config's")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.integrator.options.num_queries=16 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="The VLLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,7 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameter table of a config file or a saved model directory")
     p.add_argument("target", help="config YAML or saved model directory")
+    _add_override_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("components", help="the encoders, integrators, LLMs, PEFT methods and paradigms to pick from")
+    p.add_argument("kind", nargs="?", default="all", choices=["all", "encoders", "integrators", "llms", "peft", "paradigms"])
+    p.add_argument("--for", dest="for_config", metavar="CONFIG",
+                   help="cost each integrator (trainable parameters, visual tokens) for this config's encoder and LLM")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_components)
 
     p = sub.add_parser("chat", help="chat about images (one question, or interactive without one)")
     p.add_argument("question", nargs="?", help="the question; omit for an interactive session")
@@ -266,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML (examples/configs/)")
     p.add_argument("--background", action="store_true", help="start as its own process and return at once")
     p.add_argument("--name", help="run name (default: the config's)")
+    _add_override_options(p)
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_train)
 

@@ -225,9 +225,15 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, data).validate()
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """A model config from YAML (a bare model config or a run config); overrides name keys of the model
+    config (`integrator.name=qformer`; a leading `model.` is accepted too)."""
     try:
-        return model_config_from_dict(load_yaml(path))
+        data = load_yaml(path)
+        if "model" in data and isinstance(data["model"], dict):
+            data = data["model"]
+        overrides = [o[len("model."):] if o.startswith("model.") else o for o in overrides or []]
+        return model_config_from_dict(apply_overrides(data, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -329,9 +335,33 @@ class RunConfig:
         return self
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML) applied to a config mapping, for the command line:
+    `--set model.integrator.name=qformer --set training.batch_size=8`. Keys are checked later by from_dict."""
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"An override must look like key.sub=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"Override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     try:
-        return from_dict(RunConfig, load_yaml(path)).validate()
+        return from_dict(RunConfig, apply_overrides(load_yaml(path), overrides)).validate()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -27,6 +27,31 @@ def build_integrator(spec: IntegratorSpec, context: IntegratorContext) -> Integr
         raise ConfigError(f"Integrator '{spec.name}' rejected its options {spec.options}: {e}") from None
 
 
+def integrator_catalog(context: IntegratorContext | None = None) -> list[dict]:
+    """Every registered integrator with its metadata (family, follows, paradigms, placement, description).
+
+    With a `context` (an encoder + LLM pair, e.g. `model.integrator.context`), each is also built at its
+    default options to report what it would cost there: trainable parameters and visual tokens per image
+    (in-LLM integrators count the modules they put inside the LLM). One that cannot be built for that pair
+    says why in `error` instead.
+    """
+    import torch
+
+    rows = []
+    for entry in INTEGRATORS.entries():
+        row = {"name": entry.name, **entry.info}
+        if context is not None:
+            try:
+                with torch.device("cpu"):
+                    integrator = build_integrator(IntegratorSpec(name=entry.name), context)
+                row["trainable_params"] = sum(p.numel() for p in integrator.parameters() if p.requires_grad)
+                row["visual_tokens"] = integrator.num_tokens
+            except Exception as e:  # noqa: BLE001 -- a catalog row says why, it does not stop the listing
+                row["error"] = str(e).splitlines()[0]
+        rows.append(row)
+    return rows
+
+
 from . import abstractors, convolutional, dense, gated_xattn, lavin, llama_adapter  # noqa: E402,F401
 
-__all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator"]
+__all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator", "integrator_catalog"]
