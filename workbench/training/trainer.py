@@ -144,7 +144,7 @@ class Trainer:
         if budget is None:
             scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_updates)
         else:
-            scheduler = _budget_schedule(optimizer, warmup, total_updates,
+            scheduler = _budget_schedule(optimizer, t.warmup_ratio, total_updates,
                                          lambda: (time.perf_counter() - stage_start) / budget)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -345,15 +345,17 @@ class Trainer:
             self.on_log(row)
 
 
-def _budget_schedule(optimizer, warmup: int, total: int, spent: Callable[[], float]):
-    """Linear warmup, then cosine decay over whichever runs out first: the steps or the time budget."""
+def _budget_schedule(optimizer, warmup_ratio: float, total: int, spent: Callable[[], float]):
+    """Warmup + cosine over the stage's progress, measured by whichever runs out first: the steps or the
+    time budget. Warmup is a share of that progress too, so a time-limited stage with a generous step
+    count does not spend its budget warming up."""
     from torch.optim.lr_scheduler import LambdaLR
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = max((step - warmup) / max(1, total - warmup), spent())
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        progress = min(1.0, max(step / max(1, total), spent()))
+        if progress < warmup_ratio:
+            return max(progress / warmup_ratio, 1e-3)
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup_ratio) / max(1e-9, 1.0 - warmup_ratio)))
 
     return LambdaLR(optimizer, factor)
 
