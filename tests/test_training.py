@@ -203,3 +203,27 @@ def test_a_time_budget_stops_the_stage_and_anneals_the_learning_rate(tiny_config
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-2 * 0.5  # decayed by the clock, not the step count
     with pytest.raises(ConfigError, match="max_minutes"):
         RunConfig(stages=[StageSpec(max_minutes=0)]).validate()
+
+
+@pytest.mark.parametrize("name", ["gated_xattn", "lavin_mma", "llama_adapter", "qformer", "c_abstractor"])
+def test_every_integrator_family_trains_in_the_single_stage_recipe(name, tiny_config, example_image, tmp_path):
+    """The trainer treats in-LLM integrators like prefix ones: their modules learn, the frozen LLM does not,
+    and the saved model reloads with the trained modules in place."""
+    from workbench.config import IntegratorSpec
+    from workbench.model import VisionLanguageModel
+
+    run = _run(tiny_config)
+    run.model.integrator = IntegratorSpec(name=name)
+    run.stages = [StageSpec(name="align", lr=1e-2, max_steps=3)]
+    trainer = Trainer(run, tmp_path / "run", datasets={"align": _dataset(example_image)})
+    torch.manual_seed(0)
+    trainer.model = VisionLanguageModel.from_config(copy.deepcopy(run.model))
+    llm_before = {n: p.detach().clone() for n, p in trainer.model.llm.named_parameters()}
+    integrator_before = {n: p.detach().clone() for n, p in trainer.model.integrator.named_parameters()}
+    assert trainer.train()["status"] == "completed"
+    assert all(torch.equal(p, llm_before[n]) for n, p in trainer.model.llm.named_parameters())
+    changed = [n for n, p in trainer.model.integrator.named_parameters() if not torch.equal(p, integrator_before[n])]
+    assert changed, f"{name}: no integrator parameter moved"
+    reloaded = VisionLanguageModel.from_pretrained(tmp_path / "run" / "model")
+    for n, p in reloaded.integrator.named_parameters():
+        assert torch.equal(p, dict(trainer.model.integrator.named_parameters())[n])
