@@ -99,6 +99,11 @@ def test_any_integrator_is_picked_on_the_command_line(tiny_config_file, capsys):
     assert main(["info", str(tiny_config_file), "--set", "model.integrator.name=avg_pool",
                  "--set", "integrator.options={num_tokens: 1}"]) == 0
     assert "1 visual tokens per image" in capsys.readouterr().out
+    text = tiny_config_file.read_text()
+    assert "name: mlp\n  options: {}" in text
+    tiny_config_file.write_text(text.replace("name: mlp\n  options: {}", "name: mlp\n  options: {depth: 3}"))
+    assert main(["info", str(tiny_config_file), "--integrator", "linear"]) == 0  # mlp's depth is not carried over
+    assert main(["info", str(tiny_config_file)]) == 0 and "'depth': 3" in capsys.readouterr().out
 
 
 def test_bad_overrides_are_one_readable_line(tiny_config_file, tiny_model, tmp_path, capsys):

@@ -69,12 +69,14 @@ def cmd_info(args) -> int:
 
 def _overrides(args, prefix: str = "") -> list[str]:
     """--set key=value items, plus the --integrator/--encoder/--llm shortcuts (keys of the model config)."""
-    items = list(getattr(args, "set", None) or [])
+    items = []
     for part in ("encoder", "integrator", "llm"):
         name = getattr(args, part, None)
         if name:
             items.append(f"{prefix}{part}.name={name}")
-    return items
+            if part == "integrator":  # the config's options belonged to its own integrator
+                items.append(f"{prefix}integrator.options={{}}")
+    return items + list(getattr(args, "set", None) or [])  # --set comes last: it can add options back
 
 
 def cmd_components(args) -> int:

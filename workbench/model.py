@@ -330,15 +330,30 @@ class VisionLanguageModel(nn.Module):
         features = image_features
         if features is None and pixel_values is not None:
             features = self.encode_images(pixel_values)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "image_to_sample": image_to_sample}
+        return self.run_llm(batch, features, answer_logits_only=answer_logits_only, **llm_kwargs)[0]
+
+    def run_llm(self, batch: dict, features: torch.Tensor | None, answer_logits_only: bool = False,
+                embeds_require_grad: bool = False, **llm_kwargs):
+        """Splice visual tokens into the text and run the LLM (with in-LLM integrators given the features).
+
+        Returns (LLM output, the spliced MultimodalInputs): front ends that inspect a pass (attention
+        views) need the sequence layout — where each image's tokens sit and which positions are answers.
+        `embeds_require_grad` makes gradients reach the input embeddings (relevancy views), even with
+        everything frozen.
+        """
         visual = self.visual_tokens(features) if features is not None else None
-        inputs = self.splice(input_ids, attention_mask, visual, labels)
+        inputs = self.splice(batch["input_ids"], batch["attention_mask"], visual, batch.get("labels"))
+        if embeds_require_grad and not inputs.inputs_embeds.requires_grad:  # keep a graph back to the features
+            inputs.inputs_embeds = inputs.inputs_embeds.detach().requires_grad_(True)
         n = virtual_tokens(self.llm)
         keep = None
         if answer_logits_only and inputs.labels is not None and not n:
             targets = inputs.labels[:, 1:]
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # positions predicting answers
             llm_kwargs["logits_to_keep"] = keep
-        self.integrator.set_visual_context(features, image_to_sample)
+        self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
             out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                            labels=None if keep is not None else inputs.labels, **llm_kwargs)
@@ -346,10 +361,10 @@ class VisionLanguageModel(nn.Module):
             self.integrator.set_visual_context(None, None)
         if keep is not None:
             out.loss = nn.functional.cross_entropy(out.logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                                                   ignore_index=IGNORE_INDEX)  # prompt tuning: logits of the prepended virtual tokens are dropped
-        if n and getattr(out, "logits", None) is not None:
+                                                   ignore_index=IGNORE_INDEX)
+        if n and getattr(out, "logits", None) is not None:  # prompt tuning: logits of the prepended virtual tokens are dropped
             out.logits = out.logits[:, n:]
-        return out
+        return out, inputs
 
     def prepare_batch(self, conversations: Sequence[Conversation], images: Sequence[Sequence[ImageSource]],
                       add_generation_prompt: bool = False) -> dict[str, torch.Tensor]:

@@ -77,19 +77,23 @@ class VisionEncoder(nn.Module):
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images → normalised (B, 3, S, S) float tensor, squared as `spec.image_aspect` says."""
-        size = self.image_size
         out = []
         for image in images:
-            image = image.convert("RGB")
-            if self.spec.image_aspect == "pad":
-                image = _pad_to_square(image, tuple(int(m * 255) for m in self.mean))
-            elif self.spec.image_aspect == "crop":
-                side = min(image.size)
-                image = TF.center_crop(image, [side, side])
-            image = image.resize((size, size), Image.BICUBIC)
-            t = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+            t = TF.to_dtype(TF.to_image(self.square_view(image)), torch.float32, scale=True)
             out.append(TF.normalize(t, list(self.mean), list(self.std)))
         return torch.stack(out)
+
+    def square_view(self, image: Image.Image) -> Image.Image:
+        """The image as the encoder sees it (RGB, squared per `spec.image_aspect`, resized): the patch grid
+        covers exactly this picture, so attention maps are drawn over it."""
+        size = self.image_size
+        image = image.convert("RGB")
+        if self.spec.image_aspect == "pad":
+            image = _pad_to_square(image, tuple(int(m * 255) for m in self.mean))
+        elif self.spec.image_aspect == "crop":
+            side = min(image.size)
+            image = TF.center_crop(image, [side, side])
+        return image.resize((size, size), Image.BICUBIC)
 
     def fingerprint(self) -> str:
         """Identity of (weights, layer, preprocessing): the key a feature cache must use."""

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm
+from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
 
 
 class _Attention(nn.Module):
@@ -82,11 +82,11 @@ class _AttentionAbstractor(Integrator):
     Shared output side: LayerNorm, projection to the LLM's width and (optional, as dense.py) a
     TextScaleNorm that puts visual tokens at the scale of the LLM's text embeddings."""
 
-    def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: bool, position_embedding: bool,
+    def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: bool | str, position_embedding: bool,
                  output_norm: bool):
         super().__init__(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): normalise before projecting, as dense.py.
-        self.image_proj = nn.Sequential(nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity(),
+        self.image_proj = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
                                         nn.Linear(context.vision_dim, hidden_dim))
         self.position = (nn.Parameter(torch.randn(context.num_input_tokens, hidden_dim) * 0.02)
                          if position_embedding else None)
@@ -96,6 +96,17 @@ class _AttentionAbstractor(Integrator):
 
     def _output(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.out_norm(self.out_proj(self.final_norm(tokens)))
+
+    def patch_map(self) -> torch.Tensor | None:
+        """(images, num_tokens, h·w): the recorded query→image cross-attention, averaged over heads and
+        cross-attention layers, over the grid patches (a CLS column is dropped and rows renormalised)."""
+        maps = [v for k, v in self.last_attention.items() if k.startswith("cross_")]
+        if not maps:
+            return None
+        m = torch.stack(maps).float().mean(dim=(0, 2))  # (layers, B, heads, Q, N) → (B, Q, N)
+        if self.context.has_cls:
+            m = m[..., 1:]
+        return m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def _image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 3 or features.shape[1] != self.context.num_input_tokens:
@@ -152,7 +163,7 @@ class QFormer(_AttentionAbstractor):
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
                  hidden_dim: int = 256, num_heads: int = 4, cross_attention_every: int = 2, mlp_ratio: int = 4,
-                 dropout: float = 0.0, input_norm: bool = True, output_norm: bool = True,
+                 dropout: float = 0.0, input_norm: bool | str = True, output_norm: bool = True,
                  position_embedding: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_queries, "num_queries", mlp_ratio, dropout)
         if not 1 <= cross_attention_every <= num_layers:
@@ -223,7 +234,7 @@ class PerceiverResampler(_AttentionAbstractor):
     """
 
     def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,
-                 hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: bool = True,
+                 hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: bool | str = True,
                  output_norm: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_latents, "num_latents", ffn_mult, 0.0)
         super().__init__(context, hidden_dim, input_norm, position_embedding=True, output_norm=output_norm)

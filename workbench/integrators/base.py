@@ -35,6 +35,36 @@ class IntegratorContext:
     """Mean L2 norm of the LLM's input embedding rows: the scale visual tokens should live at."""
 
 
+class FeatureStandardizer(nn.BatchNorm1d):
+    """Per-channel standardisation of encoder features with statistics gathered over the training images
+    (BatchNorm without affine, on (..., C) tokens; running statistics are saved with the integrator).
+
+    CNN features share a large image-independent component: on easy-VQA, MobileNetV2 tokens of a red and a
+    yellow circle have cosine 0.999 after a per-token LayerNorm, and a projector trained on them stayed
+    colour-blind (chance on colour questions after 190 steps) although a linear probe on standardised
+    features reads the colour at 99.7%. Removing the dataset mean per channel exposes what differs.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False, momentum=0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+def input_norm_layer(kind: bool | str, dim: int) -> nn.Module:
+    """The integrator's input normalisation: "layer" (True: per-token LayerNorm), "batch" (per-channel
+    standardisation over the data, see FeatureStandardizer), or "none" (False)."""
+    if kind is True or kind == "layer":
+        return nn.LayerNorm(dim)
+    if kind == "batch":
+        return FeatureStandardizer(dim)
+    if kind is False or kind == "none" or kind is None:
+        return nn.Identity()
+    raise ValueError(f"input_norm must be layer, batch or none (or true/false), got {kind!r}")
+
+
 class TextScaleNorm(nn.Module):
     """LayerNorm whose gain starts so that visual tokens have the L2 norm of the LLM's text embeddings.
 
@@ -74,6 +104,13 @@ class Integrator(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def patch_map(self) -> torch.Tensor | None:
+        """How each visual token draws on the encoder's grid patches: (num_tokens, h·w), or per image of the
+        last forward (images, num_tokens, h·w); rows sum to 1. None when the visual tokens have no such path
+        (adapters inside the LLM). Attention abstractors read it from the maps they recorded, so the
+        attention views run their forward with `record_attention` on."""
+        return None
 
     # -- in-LLM seam (no-ops for prefix integrators)
     def attach(self, llm: nn.Module) -> None:

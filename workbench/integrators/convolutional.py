@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm
+from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -42,12 +42,12 @@ class _GridIntegrator(Integrator):
     """Input LayerNorm and output TextScaleNorm (both optional, as dense.py), and the tokens → (B, C, h, w)
     map reshape with CLS split off."""
 
-    def __init__(self, context: IntegratorContext, input_norm: bool, output_norm: bool):
+    def __init__(self, context: IntegratorContext, input_norm: bool | str, output_norm: bool):
         super().__init__(context)
         _check_grid(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): LayerNorm in front; behind, visual
         # tokens are put at the scale of the LLM's text embeddings (see TextScaleNorm).
-        self.norm = nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity()
+        self.norm = input_norm_layer(input_norm, context.vision_dim)
         self.out_norm = TextScaleNorm(context) if output_norm else nn.Identity()
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -63,6 +63,9 @@ class _GridIntegrator(Integrator):
     def _to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         h, w = self.context.grid
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    def patch_map(self) -> torch.Tensor:
+        return self.receptive_field()
 
     @staticmethod
     def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +184,7 @@ class CAbstractor(_GridIntegrator):
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 3, hidden_dim: int = 256,
-                 input_norm: bool = True, output_norm: bool = True, position_embedding: bool = True):
+                 input_norm: bool | str = True, output_norm: bool = True, position_embedding: bool = True):
         side = _square_side(num_tokens)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -257,7 +260,7 @@ class LightweightDownsampleProjector(_GridIntegrator):
     14×14 → 7×7, each side ⌈side/stride⌉). CLS is dropped. Stride 1 keeps every token.
     """
 
-    def __init__(self, context: IntegratorContext, stride: int = 2, input_norm: bool = True, output_norm: bool = True):
+    def __init__(self, context: IntegratorContext, stride: int = 2, input_norm: bool | str = True, output_norm: bool = True):
         if stride not in (1, 2, 3):
             raise ValueError(f"stride must be 1, 2 or 3 (its depthwise kernel is 3×3), got {stride}")
         super().__init__(context, input_norm, output_norm)
@@ -303,7 +306,7 @@ class AvgPoolProjector(_GridIntegrator):
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 2, hidden_dim: int | None = None,
-                 keep_cls: bool = False, input_norm: bool = True, output_norm: bool = True):
+                 keep_cls: bool = False, input_norm: bool | str = True, output_norm: bool = True):
         side = _square_side(num_tokens)
         if keep_cls and not context.has_cls:
             raise ValueError("keep_cls needs an encoder that keeps a CLS token (this one has none)")

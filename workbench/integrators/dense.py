@@ -5,18 +5,18 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm
+from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class _TokenProjector(Integrator):
-    def __init__(self, context: IntegratorContext, input_norm: bool, output_norm: bool):
+    def __init__(self, context: IntegratorContext, input_norm: bool | str, output_norm: bool):
         super().__init__(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2); a LayerNorm in front steadies training,
         # and one behind keeps visual tokens at the text embeddings' scale. Both on by default;
         # input_norm=false, output_norm=false give LLaVA's projector exactly.
-        self.norm = nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity()
+        self.norm = input_norm_layer(input_norm, context.vision_dim)
         self.out_norm = TextScaleNorm(context) if output_norm else nn.Identity()
 
     @property
@@ -26,12 +26,20 @@ class _TokenProjector(Integrator):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.out_norm(self.proj(self.norm(features)))
 
+    def patch_map(self) -> torch.Tensor:
+        """One visual token per patch (identity); a kept CLS token summarises the whole image (uniform row)."""
+        h, w = self.context.grid
+        m = torch.eye(h * w)
+        if self.context.has_cls:
+            m = torch.cat([torch.full((1, h * w), 1.0 / (h * w)), m])
+        return m
+
 
 @INTEGRATORS.register("linear", family="dense projector", follows="LLaVA (Liu et al., 2023)",
                       paradigms=["single-stage", "two-stage"], placement="prefix",
                       description="One linear map per visual token")
 class LinearProjector(_TokenProjector):
-    def __init__(self, context: IntegratorContext, input_norm: bool = True, output_norm: bool = True):
+    def __init__(self, context: IntegratorContext, input_norm: bool | str = True, output_norm: bool = True):
         super().__init__(context, input_norm, output_norm)
         self.proj = nn.Linear(context.vision_dim, context.llm_hidden)
 
@@ -41,7 +49,7 @@ class LinearProjector(_TokenProjector):
                       description="MLP with GELU per visual token (depth 2 = LLaVA-1.5's mlp2x_gelu)")
 class MLPProjector(_TokenProjector):
     def __init__(self, context: IntegratorContext, depth: int = 2, hidden_dim: int | None = None,
-                 activation: str = "gelu", input_norm: bool = True, output_norm: bool = True, dropout: float = 0.0):
+                 activation: str = "gelu", input_norm: bool | str = True, output_norm: bool = True, dropout: float = 0.0):
         super().__init__(context, input_norm, output_norm)
         if depth < 1:
             raise ValueError("depth must be at least 1")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import IntegratorContext, TextScaleNorm
+from .base import IntegratorContext, TextScaleNorm, input_norm_layer
 from .llm_layers import HookSet, InLLMIntegrator, llm_shape
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "none": nn.Identity}
@@ -72,7 +72,7 @@ class LaVINAdapter(InLLMIntegrator):
 
     def __init__(self, context: IntegratorContext, bottleneck: int = 8, layers: str | int = "all",
                  positions: str = "attn_mlp", temperature: float = 10.0, activation: str = "gelu",
-                 dropout: float = 0.1, proj_hidden: int = 128, input_norm: bool = True, output_norm: bool = True):
+                 dropout: float = 0.1, proj_hidden: int = 128, input_norm: bool | str = True, output_norm: bool = True):
         super().__init__(context)
         shape = llm_shape(context, self.registry_name)
         if bottleneck < 1 or proj_hidden < 1:
@@ -96,7 +96,7 @@ class LaVINAdapter(InLLMIntegrator):
         self.adapted_layers = list(range(0, shape.num_layers, every))
         self.positions = _POSITIONS[positions]
         dim = context.llm_hidden
-        self.proj = nn.Sequential(nn.LayerNorm(context.vision_dim) if input_norm else nn.Identity(),
+        self.proj = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
                                   nn.Linear(context.vision_dim, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, dim),
                                   TextScaleNorm(context) if output_norm else nn.Identity())
         self.modality = nn.Embedding(2, dim)  # 0: text-only row, 1: row with an image

@@ -1,0 +1,130 @@
+"""Helpers for benchmarks that train real runs: budgeted configs, `workbench train` in its own process, and
+evaluation of the saved model on the easy-VQA test split. Shared by easyvqa_time_to_accuracy.py and
+integrators.py so both measure the same way."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+PYTHON = sys.executable
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def fresh_home(tmp: Path, share_features: Path | None = None) -> dict:
+    """An environment with its own workbench home (empty feature cache unless `share_features` names one to
+    reuse) that links the converted SmolLM2 (a one-time set-up cost, not part of training)."""
+    from workbench.assets import home
+
+    fresh = tmp / "home"
+    fresh.mkdir(parents=True, exist_ok=True)
+    models = home() / "models"
+    if models.is_dir() and not (fresh / "models").exists():
+        (fresh / "models").symlink_to(models)
+    if share_features is not None and not (fresh / "feature-cache").exists():
+        share_features.mkdir(parents=True, exist_ok=True)
+        (fresh / "feature-cache").symlink_to(share_features)
+    return {**os.environ, "WORKBENCH_HOME": str(fresh), "WORKBENCH_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def with_budget(config: dict, minutes: float | None, *, text_only: bool = False,
+                checkpoint_minutes: float | None = None, steps_per_minute: float = 25.0) -> dict:
+    """The config with every stage's time budget scaled so the whole run takes `minutes` of training."""
+    from workbench.config import RunConfig, from_dict, to_dict
+    from workbench.paradigms import resolve_stages
+
+    run = from_dict(RunConfig, copy.deepcopy(config)).validate()
+    stages = resolve_stages(run)
+    if minutes is not None:
+        given = [s.max_minutes or 0.0 for s in stages]
+        for s, g in zip(stages, given):
+            s.max_minutes = minutes * (g / sum(given)) if sum(given) else minutes / len(stages)
+            s.max_steps = None
+            s.epochs = max(s.epochs, 50.0)  # the clock, not the data, ends the stage
+    run.stages = stages
+    run.text_only = text_only
+    run.eval_data = None  # evaluation happens afterwards, outside the training budget
+    run.training.eval_every = 0
+    if checkpoint_minutes:
+        run.training.save_every = max(1, int(checkpoint_minutes * steps_per_minute))
+        run.training.keep_last = 1000
+    if text_only:
+        run.name = (run.name or "run") + "-text-only"
+    return to_dict(run)
+
+
+def train(config: dict, tmp: Path, env: dict, label: str, extra_args: list[str] | None = None) -> dict:
+    """`workbench train` in its own process, as a user runs it; returns the run directory and wall time."""
+    import yaml
+
+    path = tmp / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    runs = tmp / "runs"
+    t0 = time.time()
+    proc = subprocess.run([PYTHON, "-m", "workbench.cli", "train", str(path), "--runs", str(runs), *(extra_args or [])],
+                          env=env, cwd=C.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: workbench train failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    run_dir = max((d for d in runs.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    return {"run_dir": str(run_dir), "wall_s": wall}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    from workbench.training.metrics import read_metrics
+
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def peak_mb(rows: list[dict]) -> float:
+    return max((r.get("memory_mb", 0.0) for r in rows if r["kind"] == "train"), default=0.0)
+
+
+def seconds_per_step(rows: list[dict]) -> float:
+    """Median seconds per optimizer step over the logged windows (the first, which fills the cache, excluded)."""
+    train = [r for r in rows if r["kind"] == "train"]
+    windows = []
+    for prev, row in zip(train, train[1:]):
+        if row["step"] > prev["step"] and row["stage"] == prev["stage"]:
+            windows.append((row["time"] - prev["time"]) / (row["step"] - prev["step"]))
+    return C.median(windows) if windows else float("nan")
+
+
+def evaluate(model_dir: Path, limit: int | None, text_only: bool = False, batch_size: int = 64) -> dict:
+    """Accuracy of a saved model on the easy-VQA test split (all 9,673 questions unless `limit`)."""
+    import torch
+
+    from workbench.data.easyvqa import load_easy_vqa
+    from workbench.evaluation import evaluate_vqa
+    from workbench.llm import autocast
+    from workbench.model import VisionLanguageModel
+
+    data = load_easy_vqa("test")
+    if limit:
+        data = data.subset(limit, seed=0)
+    model = VisionLanguageModel.from_pretrained(model_dir)
+    t0 = time.time()
+    with torch.inference_mode(), autocast(model.device, "auto"):
+        result = evaluate_vqa(model, data, batch_size=batch_size, text_only=text_only)
+    result["eval_s"] = time.time() - t0
+    result.pop("examples", None)
+    trainable = next(r for r in model.parameter_report() if r["component"] == "total")
+    result["trainable_params"] = trainable["trainable"]
+    result["trainable_pct"] = trainable["trainable_pct"]
+    result["visual_tokens"] = model.num_visual_tokens
+    del model
+    return result
+
+
+def by_type(r: dict) -> list[str]:
+    return [f"{100 * r['by_type'].get(k, float('nan')):.1f}" for k in ("yes/no", "color", "shape")]

@@ -1,0 +1,114 @@
+"""Figures for the attention views (plotly for the app and notebooks, PNG for reports), from an AttentionTrace.
+
+Kept apart from attention.py so computing maps needs no plotting library.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention import AttentionTrace, image_map, modality_share, prompt_attention
+
+_COLORSCALE = "Inferno"
+
+
+def _upsample(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) map → (H, W) for drawing over the image (bilinear, mass-preserving up to scale)."""
+    t = amap[None, None].float()
+    up = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    return up.numpy()
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → RGB uint8 along a dark-purple → orange → yellow ramp (inferno-like)."""
+    stops = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+    x = np.clip(values, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    frac = (x - i)[..., None]
+    return (stops[i] * (1 - frac) + stops[i + 1] * frac).astype(np.uint8)
+
+
+def overlay_image(image: Image.Image, amap: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """The map blended over the image as a PIL image (PNG export, thumbnails)."""
+    image = image.convert("RGB")
+    heat = _upsample(amap, image.size)
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    colored = Image.fromarray(_colormap(heat))
+    return Image.blend(image, colored, alpha)
+
+
+def save_overlay_png(image: Image.Image, amap: torch.Tensor, path: str | Path, alpha: float = 0.55) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_image(image, amap, alpha).save(path)
+    return path
+
+
+def heatmap_figure(trace: AttentionTrace, token: int = -1, method: str = "attention", head: int | str = "mean",
+                   image: int = 0, opacity: float = 0.55, title: str | None = None):
+    """Plotly figure: the image with the map over it, and a slider over layers (all layers first).
+
+    For method "attention" each slider step shows one layer (step 0: the mean over all layers); other
+    methods have a single view.
+    """
+    import plotly.graph_objects as go
+
+    picture = trace.images[image] if trace.images else None
+    size = picture.size if picture is not None else (trace.grid[1] * 32, trace.grid[0] * 32)
+    views: list[tuple[str, torch.Tensor]] = [("all layers", image_map(trace, token, method, head, None, image))]
+    if method == "attention":
+        views += [(f"layer {i}", image_map(trace, token, method, head, [i], image)) for i in range(trace.num_layers)]
+    fig = go.Figure()
+    if picture is not None:
+        fig.add_trace(go.Image(z=np.asarray(picture.convert("RGB")), hoverinfo="skip"))
+    for k, (_, amap) in enumerate(views):
+        fig.add_trace(go.Heatmap(z=_upsample(amap, size), colorscale=_COLORSCALE, opacity=opacity, visible=k == 0,
+                                 showscale=True, hovertemplate="x %{x}, y %{y}: %{z:.4f}<extra></extra>",
+                                 colorbar={"title": "share"}))
+    offset = 1 if picture is not None else 0
+    if len(views) > 1:
+        steps = []
+        for k, (label, _) in enumerate(views):
+            visible = [True] * offset + [j == k for j in range(len(views))]
+            steps.append({"method": "update", "args": [{"visible": visible}], "label": label})
+        fig.update_layout(sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "view: "}}])
+    answer_token = trace.answer_tokens[token] if trace.answer_positions else ""
+    fig.update_layout(title=title or f"{method} for answer token {answer_token!r} (head {head})",
+                      yaxis={"autorange": "reversed", "scaleanchor": "x", "visible": False},
+                      xaxis={"visible": False}, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    return fig
+
+
+def modality_share_figure(trace: AttentionTrace, token: int | None = None, head: int | str = "mean"):
+    """Plotly stacked bars: per layer, the share of the answer's attention on image vs text tokens."""
+    import plotly.graph_objects as go
+
+    rows = modality_share(trace, token, head)
+    layers = [r["layer"] for r in rows]
+    fig = go.Figure([go.Bar(x=layers, y=[r["image"] for r in rows], name="image tokens"),
+                     go.Bar(x=layers, y=[r["text"] for r in rows], name="text tokens")])
+    fig.update_layout(barmode="stack", title="Where the answer's attention goes, per layer",
+                      xaxis_title="layer", yaxis_title="share of attention", yaxis_range=[0, 1])
+    return fig
+
+
+def prompt_attention_figure(trace: AttentionTrace, token: int = -1, method: str = "attention",
+                            head: int | str = "mean", layers: Sequence[int] | None = None):
+    """Plotly bars over the prompt positions (visual tokens grouped into one bar per image)."""
+    import plotly.graph_objects as go
+
+    labels, values = [], []
+    for label, share in prompt_attention(trace, token, method, head, layers):
+        if label.startswith("<image ") and labels and labels[-1] == label.split(":")[0] + ">":
+            values[-1] += share
+            continue
+        labels.append(label.split(":")[0] + ">" if label.startswith("<image ") else label)
+        values.append(share)
+    fig = go.Figure(go.Bar(x=list(range(len(labels))), y=values, text=labels, hovertext=labels))
+    fig.update_layout(title="Which prompt positions the answer token drew on", yaxis_title="share",
+                      xaxis={"tickvals": list(range(len(labels))), "ticktext": labels, "tickangle": -60})
+    return fig
