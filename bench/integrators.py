@@ -63,6 +63,12 @@ def run_row(name: str, config: dict, tmp: Path, cache_dir: Path, args, text_only
     run_dir = Path(run["run_dir"])
     rows = R.metrics(run_dir)
     result = R.evaluate(run_dir / "model", args.limit, text_only=text_only)
+    if args.keep:
+        import shutil
+
+        kept = Path(args.keep) / name
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(run_dir / "model", kept)
     steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
     out = {"name": name, "wall_s": run["wall_s"], "peak_mb": R.peak_mb(rows), "steps": steps,
            "s_per_step": R.seconds_per_step(rows), **result}
@@ -78,6 +84,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=1000, help="test questions per evaluation (0: all 9,673)")
     parser.add_argument("--only", help="comma-separated integrators (default: all)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--keep", help="keep each row's trained model under this folder (bench/attention_localisation.py "
+                                       "reads them from there)")
     args = parser.parse_args()
     if args.quick:
         args.minutes, args.limit = 0.33, 200

@@ -135,3 +135,24 @@ def test_components_lists_every_registry_and_costs_integrators(tiny_config_file,
     for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:"):
         assert heading in out
     assert "mobilenet_v2" in out and "smollm2-135m-instruct" in out and "lora" in out and "two-stage" in out
+
+
+def test_attention_writes_the_views(tiny_model, example_image, tmp_path, capsys):
+    import json
+
+    saved = tiny_model.save_pretrained(tmp_path / "saved")
+    out = tmp_path / "views"
+    assert main(["attention", str(saved), "what color is the shape?", "--image", str(example_image),
+                 "--answer", "red", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "answer: red" in text and "attention on image tokens per layer" in text
+    for name in ("attention.png", "rollout.png", "relevancy.png", "gradient.png", "attention.html",
+                 "modality_share.html", "prompt_attention.html", "attention.json", "plotly.min.js"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "attention.json").read_text())
+    grid = summary["grid"]
+    assert len(summary["maps"]["attention"]) == grid[0] and abs(sum(map(sum, summary["maps"]["rollout"])) - 1) < 1e-4
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["attention", str(saved), "what?", "--image", str(bad)]) == 2
+    assert "bad.png" in capsys.readouterr().err

@@ -241,18 +241,85 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def _model_dir(run: str, runs: str | None, which: str = "model") -> tuple[Path, Path]:
+    """(run folder, saved model folder) for a run id, a run directory or a saved model directory."""
+    from .jobs import RunRegistry
+
+    target = Path(run)
+    if not target.exists():  # a run id in the registry
+        target = RunRegistry(runs).run_dir(run)
+    model_dir = next((d for d in (target / which, target) if (d / "config.yaml").is_file()), None)
+    if model_dir is None:
+        raise WorkbenchError(f"No saved model in {target} (looked for {which}/ and the folder itself)")
+    return target, model_dir
+
+
+def cmd_attention(args) -> int:
+    """Answer a question about an image, then write the attention views (HTML figures, PNG overlays, JSON)."""
+    from .attention import METHODS, image_map, modality_share, prompt_attention, trace_attention
+    from .attention_figures import heatmap_figure, modality_share_figure, prompt_attention_figure, save_overlay_png
+    from .config import load_model_config
+    from .images import load_image
+    from .model import VisionLanguageModel
+
+    for image in args.image:
+        load_image(image)  # refuse a bad file before loading the model
+    source = Path(args.run)
+    if source.is_file():  # a config: the untrained model it describes
+        model, target = VisionLanguageModel.from_config(load_model_config(source)), source.parent
+    else:
+        target, model_dir = _model_dir(args.run, args.runs, args.which)
+        model = VisionLanguageModel.from_pretrained(model_dir)
+    head = int(args.head) if args.head.lstrip("-").isdigit() else args.head
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    question = args.question if "<image>" in args.question else "<image>\n" * len(args.image) + args.question
+    trace = trace_attention(model, [{"role": "user", "content": question}], args.image, answer=args.answer,
+                            max_new_tokens=args.max_new_tokens, relevancy=not args.no_relevancy)
+    out = Path(args.out) if args.out else target / "attention" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"answer: {trace.answer}")
+    token = args.token
+    summary = {"question": question, "answer": trace.answer, "answer_tokens": trace.answer_tokens, "token": token,
+               "head": head, "layers": layers, "integrator": trace.integrator, "grid": list(trace.grid),
+               "maps": {}, "modality_share": modality_share(trace, None, head),
+               "prompt_attention": prompt_attention(trace, token, "attention", head, layers)}
+    written = []
+    for method in METHODS:
+        try:
+            amap = image_map(trace, token, method, head, layers)
+        except WorkbenchError as e:
+            summary["maps"][method] = {"unavailable": str(e)}
+            continue
+        summary["maps"][method] = amap.tolist()
+        if trace.images:
+            written.append(save_overlay_png(trace.images[0], amap, out / f"{method}.png"))
+    figures = {"attention.html": lambda: heatmap_figure(trace, token, "attention", head),
+               "modality_share.html": lambda: modality_share_figure(trace, None, head),
+               "prompt_attention.html": lambda: prompt_attention_figure(trace, token, "attention", head, layers)}
+    for name, make in figures.items():
+        try:
+            make().write_html(out / name, include_plotlyjs="directory")  # plotly.min.js beside it: works offline
+            written.append(out / name)
+        except WorkbenchError as e:
+            print(f"  {name}: {e}")
+    (out / "attention.json").write_text(json.dumps(summary, indent=2, default=str))
+    written.append(out / "attention.json")
+    shares = [r["image"] for r in summary["modality_share"]]
+    print(f"answer token {token} ({trace.answer_tokens[token]!r}); attention on image tokens per layer: "
+          f"min {min(shares):.2f}, mean {sum(shares) / len(shares):.2f}, max {max(shares):.2f}")
+    for method, value in summary["maps"].items():
+        if isinstance(value, dict):
+            print(f"  {method}: {value['unavailable']}")
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .data.loaders import load_dataset_spec
     from .evaluation import evaluate_captions, evaluate_vqa
-    from .jobs import RunRegistry
     from .model import VisionLanguageModel
 
-    target = Path(args.run)
-    if not target.exists():  # a run id in the registry
-        target = RunRegistry(args.runs).run_dir(args.run)
-    model_dir = next((d for d in (target / args.which, target) if (d / "config.yaml").is_file()), None)
-    if model_dir is None:
-        raise WorkbenchError(f"No saved model in {target} (looked for {args.which}/ and the folder itself)")
+    target, model_dir = _model_dir(args.run, args.runs, args.which)
     options = dict(json.loads(args.options)) if args.options else {}
     if args.split:
         options["split"] = args.split
@@ -354,6 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("attention", help="where the model looked: attention/relevancy maps over the image")
+    p.add_argument("run", help="run id, run directory, saved model directory, or a config YAML (untrained)")
+    p.add_argument("question")
+    p.add_argument("--image", action="append", required=True, help="image file (repeatable; maps use the first)")
+    p.add_argument("--answer", help="explain this answer instead of generating one")
+    p.add_argument("--token", type=int, default=0, help="which answer token to explain (0 = first, -1 = last)")
+    p.add_argument("--head", default="mean", help="mean, max or a head index")
+    p.add_argument("--layers", help="comma-separated layers (default: all)")
+    p.add_argument("--no-relevancy", action="store_true", help="skip the gradient views (no backward passes)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--which", default="model", choices=["model", "best"])
+    p.add_argument("--out", help="output folder (default: RUN/attention/TIMESTAMP)")
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("runs", help="list, inspect and control runs")
     p.add_argument("action", choices=["list", "show", "logs", "cancel", "resume", "delete"])
