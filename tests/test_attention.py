@@ -150,7 +150,10 @@ def test_figures_and_png(tiny_config, example_image, tmp_path):
     fig = heatmap_figure(trace, 0)
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     assert len(heatmaps) == trace.num_layers + 1 and fig.layout.sliders  # all layers + one per layer
-    assert fig.data[0].type == "image"
+    assert fig.data[0].type == "image" and tuple(map(len, (heatmaps[0].z, heatmaps[0].z[0]))) == model.encoder.grid
+    menu = fig.layout.updatemenus[0].buttons  # answer tokens × heads (mean, max, each head)
+    assert len(menu) == len(trace.answer_positions) * (2 + trace.num_heads)
+    assert len(menu[0].args[0]["z"]) == len(heatmaps)
     assert len(modality_share_figure(trace).data) == 2
     assert prompt_attention_figure(trace, 0).data[0].type == "bar"
     picture = overlay_image(trace.images[0], image_map(trace, 0))

@@ -49,37 +49,53 @@ def save_overlay_png(image: Image.Image, amap: torch.Tensor, path: str | Path, a
 
 
 def heatmap_figure(trace: AttentionTrace, token: int = -1, method: str = "attention", head: int | str = "mean",
-                   image: int = 0, opacity: float = 0.55, title: str | None = None):
-    """Plotly figure: the image with the map over it, and a slider over layers (all layers first).
-
-    For method "attention" each slider step shows one layer (step 0: the mean over all layers); other
-    methods have a single view.
-    """
+                   image: int = 0, opacity: float = 0.55, title: str | None = None, max_heads: int = 16):
+    """Plotly figure: the image with the map over it, a slider over layers (all layers first) and a menu
+    over answer tokens × heads (mean, max and each head) for method "attention"; other methods show one
+    view per answer token. Maps stay at grid resolution (smoothed when drawn), so the figure stays small."""
     import plotly.graph_objects as go
 
     picture = trace.images[image] if trace.images else None
-    size = picture.size if picture is not None else (trace.grid[1] * 32, trace.grid[0] * 32)
-    views: list[tuple[str, torch.Tensor]] = [("all layers", image_map(trace, token, method, head, None, image))]
+    width, height = picture.size if picture is not None else (trace.grid[1] * 32, trace.grid[0] * 32)
+    h, w = trace.grid
+    layer_views = [("all layers", None)]
     if method == "attention":
-        views += [(f"layer {i}", image_map(trace, token, method, head, [i], image)) for i in range(trace.num_layers)]
+        layer_views += [(f"layer {i}", [i]) for i in range(trace.num_layers)]
+    heads: list[int | str] = ["mean", "max", *range(min(trace.num_heads, max_heads))] if method in ("attention", "rollout") else [head]
+    tokens = list(range(len(trace.answer_positions)))
+    token_index = tokens[token] if tokens else 0
+
+    def grids(t: int, hd) -> list[list[list[float]]]:
+        return [image_map(trace, t, method, hd, layers, image).tolist() for _, layers in layer_views]
+
     fig = go.Figure()
     if picture is not None:
         fig.add_trace(go.Image(z=np.asarray(picture.convert("RGB")), hoverinfo="skip"))
-    for k, (_, amap) in enumerate(views):
-        fig.add_trace(go.Heatmap(z=_upsample(amap, size), colorscale=_COLORSCALE, opacity=opacity, visible=k == 0,
-                                 showscale=True, hovertemplate="x %{x}, y %{y}: %{z:.4f}<extra></extra>",
-                                 colorbar={"title": "share"}))
-    offset = 1 if picture is not None else 0
-    if len(views) > 1:
-        steps = []
-        for k, (label, _) in enumerate(views):
-            visible = [True] * offset + [j == k for j in range(len(views))]
-            steps.append({"method": "update", "args": [{"visible": visible}], "label": label})
+    offset = len(fig.data)
+    for k, z in enumerate(grids(token_index, head)):
+        fig.add_trace(go.Heatmap(z=z, x0=width / w / 2, dx=width / w, y0=height / h / 2, dy=height / h,
+                                 zsmooth="best", colorscale=_COLORSCALE, opacity=opacity, visible=k == 0,
+                                 colorbar={"title": "share"}, hovertemplate="share %{z:.4f}<extra></extra>"))
+    n = len(layer_views)
+    if n > 1:
+        steps = [{"method": "update", "label": label,
+                  "args": [{"visible": [True] * offset + [j == k for j in range(n)]}]}
+                 for k, (label, _) in enumerate(layer_views)]
         fig.update_layout(sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "view: "}}])
+    buttons = []
+    for t in tokens:
+        for hd in heads:
+            buttons.append({"method": "restyle", "label": f"token {t} {trace.answer_tokens[t]!r}, head {hd}",
+                            "args": [{"z": grids(t, hd)}, list(range(offset, offset + n))]})
+    if len(buttons) > 1:
+        active = next((i for i, b in enumerate(buttons) if b["label"].startswith(f"token {token_index} ")
+                       and b["label"].endswith(f"head {head}")), 0)
+        fig.update_layout(updatemenus=[{"buttons": buttons, "active": active, "x": 0, "y": 1.12,
+                                        "xanchor": "left"}])
     answer_token = trace.answer_tokens[token] if trace.answer_positions else ""
-    fig.update_layout(title=title or f"{method} for answer token {answer_token!r} (head {head})",
-                      yaxis={"autorange": "reversed", "scaleanchor": "x", "visible": False},
-                      xaxis={"visible": False}, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    fig.update_layout(title=title or f"{method}: answer token {answer_token!r}, head {head}",
+                      yaxis={"autorange": "reversed", "scaleanchor": "x", "visible": False, "range": [height, 0]},
+                      xaxis={"visible": False, "range": [0, width]}, margin={"l": 10, "r": 10, "t": 90, "b": 10})
     return fig
 
 
