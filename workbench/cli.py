@@ -81,29 +81,15 @@ def _overrides(args, prefix: str = "") -> list[str]:
 
 def cmd_components(args) -> int:
     """What can be picked, with the metadata the app shows; integrators costed for a config's encoder + LLM."""
-    from .encoders import ENCODERS
-    from .integrators import integrator_catalog
-    from .llm import LLMS
-    from .paradigms import PARADIGMS
-    from .peft_modules import METHODS
+    from .frontend import KINDS, catalog
 
-    kinds = [args.kind] if args.kind != "all" else ["encoders", "integrators", "llms", "peft", "paradigms"]
-    out: dict[str, list] = {}
-    for kind in kinds:
-        if kind == "integrators":
-            context = None
-            if args.for_config:
-                from .config import load_model_config
-                from .model import VisionLanguageModel
+    model = None
+    if args.for_config and args.kind in ("all", "integrators"):
+        from .config import load_model_config
+        from .model import VisionLanguageModel
 
-                context = VisionLanguageModel.from_config(load_model_config(args.for_config)).integrator.context
-            out[kind] = integrator_catalog(context)
-        elif kind == "peft":
-            out[kind] = [{"name": m} for m in METHODS]
-        else:
-            registry = {"encoders": ENCODERS, "llms": LLMS, "paradigms": PARADIGMS}[kind]
-            out[kind] = [{"name": e.name, **{k: v for k, v in e.info.items() if isinstance(v, (str, int, float, bool, list))}}
-                         for e in registry.entries()]
+        model = VisionLanguageModel.from_config(load_model_config(args.for_config))
+    out = catalog([args.kind] if args.kind != "all" else list(KINDS), model)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0

@@ -1,0 +1,147 @@
+"""The Gradio app through its callbacks (the same functions the browser triggers), plus a served-page smoke test:
+build and describe, preview data, launch a background run and watch it finish, chat about an image, explain
+the answer, evaluate; bad input becomes a readable gr.Error; exposing the app needs credentials."""
+import importlib.util
+import json
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_app_module():
+    spec = importlib.util.spec_from_file_location("workbench_app", REPO / "apps" / "workbench_app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["workbench_app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+app_module = _load_app_module()
+
+
+@pytest.fixture()
+def wb(tmp_path):
+    return app_module.Workbench(tmp_path / "runs")
+
+
+def _drain(generator):
+    out = None
+    for out in generator:
+        pass
+    return out
+
+
+def test_build_describes_any_integrator(wb, tiny_llm_dir):
+    diagram, table, summary = wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
+                                          '{"num_queries": 8}', 4)
+    assert "8 visual token(s)" in diagram and "lora" in diagram
+    assert [row[0] for row in table][:2] == ["encoder", "integrator"] and table[-1][0] == "total"
+    assert "**8 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
+    for bad, message in (("{nope", "not valid JSON"), ('{"num_querys": 3}', "Unknown option 'num_querys'")):
+        with pytest.raises(gr.Error, match=message):
+            wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "none", bad, 4)
+    with pytest.raises(gr.Error, match="Unknown encoder"):
+        wb.describe("resnet_magic", "mlp", str(tiny_llm_dir), "none", "{}", 4)
+
+
+def test_config_save_and_load_round_trip(wb, tiny_llm_dir):
+    path = wb.save_config("mobilenet_v2", "resampler", str(tiny_llm_dir), "none", '{"num_latents": 4}')
+    assert wb.load_config(path) == ("mobilenet_v2", "resampler", str(tiny_llm_dir), "none", '{"num_latents": 4}')
+    with pytest.raises(gr.Error, match="Choose a YAML"):
+        wb.load_config(None)
+
+
+def test_data_preview_shows_samples_and_counts(wb):
+    gallery, counts, conversations = wb.preview("easy-vqa", '{"split": "test", "limit": 50}')
+    assert len(gallery) == 6 and Path(gallery[0][0]).is_file() and "50 usable samples" in counts
+    assert conversations[0][0]["role"] == "user"
+    with pytest.raises(gr.Error):
+        wb.preview("llava", '{"json_path": "/nowhere/data.json"}')
+
+
+def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_path):
+    rows = [{"id": str(i), "image": str(example_image),
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                               {"from": "gpt", "value": "red"}]} for i in range(8)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    run_id, update = wb.launch("mobilenet_v2", "mlp", str(tiny_llm_dir), "none", "{}", "llava",
+                               json.dumps({"json_path": str(data)}), "single-stage", "app run", 4, 1e-3, 1, 0, 0,
+                               False)
+    assert update["value"] == run_id
+    row = wb.registry.wait(run_id, timeout=240)
+    assert row["status"] == "completed", row
+    text, curves, evals, log = wb.progress(run_id)
+    assert "completed" in text and "100%" in text and curves is not None and log
+    table, _, sources = wb.runs_table()
+    assert table[0][0] == run_id and table[0][1] == "completed" and run_id in sources["choices"]
+    assert wb.overlay([run_id]) is not None
+
+    history, state, cleared = _drain(wb.chat(run_id, str(example_image), "what color is the shape?", [], {},
+                                             5, 0.0, 1.0))
+    assert history[-1]["role"] == "assistant" and history[-1]["content"] and cleared is None
+    overlay, heatmap, share, prompt, note = wb.explain(run_id, state, 0, "mean", "attention", -1)
+    assert overlay.size[0] == overlay.size[1] and heatmap is not None and "Answer tokens" in note
+    overlay, *_ = wb.explain(run_id, state, -1, "max", "gradient", 0)
+    assert overlay is not None
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(gr.Error, match="notes.png"):
+        _drain(wb.chat(run_id, str(bad), "what is it?", history, state, 5, 0.0, 1.0))
+    with pytest.raises(gr.Error, match="Type a question"):
+        _drain(wb.chat(run_id, None, "  ", history, state, 5, 0.0, 1.0))
+    with pytest.raises(gr.Error, match="Chat first"):
+        wb.explain(run_id, {}, 0, "mean", "attention", -1)
+
+    accuracy, efficiency = wb.evaluate(run_id, "test", 8, False, progress=lambda *a, **k: None)
+    assert accuracy[0][0] == "overall" and "trainable" in efficiency
+    assert wb.delete(run_id) == f"deleted {run_id}" and run_id not in wb.run_ids()
+
+
+def test_direct_adaptation_without_peft_is_refused(wb, tiny_llm_dir):
+    with pytest.raises(gr.Error, match="PEFT"):
+        wb.launch("mobilenet_v2", "mlp", str(tiny_llm_dir), "none", "{}", "easy-vqa", "{}", "direct", "", 4, 1e-3,
+                  1, 0, 0, False)
+
+
+def test_exposing_the_app_needs_credentials(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORKBENCH_APP_AUTH", raising=False)
+    assert app_module.main(["--host", "0.0.0.0", "--runs", str(tmp_path)]) == 2
+    assert "WORKBENCH_APP_AUTH" in capsys.readouterr().err
+    assert app_module.main(["--share", "--runs", str(tmp_path)]) == 2
+    monkeypatch.setenv("WORKBENCH_APP_AUTH", "teacher:s3cret")
+    assert app_module.read_auth(None) == ("teacher", "s3cret")
+    bad = tmp_path / "auth"
+    bad.write_text("no-colon")
+    with pytest.raises(SystemExit, match="user:password"):
+        app_module.read_auth(str(bad))
+
+
+def test_the_app_serves_its_page_on_loopback(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = app_module.build_app(tmp_path / "runs")
+    app.queue()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert "VLLM Workbench" in page
+    finally:
+        app.close()

@@ -1,0 +1,223 @@
+"""What the front ends show, computed here once: the Gradio app and the notebooks call these functions and hold
+no model logic of their own (the command line uses them too).
+
+- `catalog`: what can be picked (registries with metadata), integrators costed for a given encoder + LLM.
+- `describe_model`: parameter table, visual tokens, memory estimate against the device, a diagram.
+- `preview_data`: a few samples of a dataset and its bad-row report.
+- `run_rows` / `run_progress` / `curves_figure`: the runs list, one run's live progress, loss/lr/eval curves.
+- `ModelCache`: the model a front end is chatting with or explaining, loaded once.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+KINDS = ("encoders", "integrators", "llms", "peft", "paradigms")
+
+
+def catalog(kinds: tuple[str, ...] | list[str] = KINDS, model=None) -> dict[str, list[dict]]:
+    """Registries with their metadata. With `model`, integrators are costed for its encoder + LLM."""
+    from .encoders import ENCODERS
+    from .integrators import integrator_catalog
+    from .llm import LLMS
+    from .paradigms import PARADIGMS
+    from .peft_modules import METHODS
+
+    out: dict[str, list[dict]] = {}
+    for kind in kinds:
+        if kind == "integrators":
+            out[kind] = integrator_catalog(model.integrator.context if model is not None else None)
+        elif kind == "peft":
+            out[kind] = [{"name": m} for m in METHODS]
+        elif kind in ("encoders", "llms", "paradigms"):
+            registry = {"encoders": ENCODERS, "llms": LLMS, "paradigms": PARADIGMS}[kind]
+            out[kind] = [{"name": e.name, **{k: v for k, v in e.info.items()
+                                             if isinstance(v, (str, int, float, bool, list))}}
+                         for e in registry.entries()]
+        else:
+            raise ConfigError(f"Unknown component kind '{kind}'. Valid kinds: {', '.join(KINDS)}")
+    return out
+
+
+def model_diagram(model) -> str:
+    """One line per stage of the flow, with the shapes that pass between them."""
+    c = model.config
+    h, w = model.encoder.grid
+    tokens = model.num_visual_tokens
+    placement = getattr(model.integrator, "placement", "prefix")
+    peft = f" + {c.peft.method} modules" if c.peft.method != "none" else ""
+    inside = " (modules inside the LLM's layers)" if placement == "in_llm" else ""
+    return "\n".join([
+        f"image ({model.encoder.image_size}×{model.encoder.image_size}, {c.encoder.image_aspect})",
+        f"  └─► encoder {c.encoder.name}{' (frozen)' if model.encoder.frozen else ''}: "
+        f"{h}×{w} grid × {model.encoder.feature_dim} features",
+        f"       └─► integrator {c.integrator.name}{inside}: {tokens} visual token(s) per image "
+        f"× {model.llm.get_input_embeddings().embedding_dim}",
+        f"            └─► LLM {c.llm.name}{peft}: {model.llm.config.num_hidden_layers} layers → text",
+    ])
+
+
+def describe_model(model, batch_size: int = 16, seq_len: int = 128, precision: str = "no") -> dict[str, Any]:
+    """Everything the Build view shows about a model: parameters per component, tokens, memory, diagram."""
+    from .training.memory import estimate_training_memory
+
+    memory = estimate_training_memory(model, batch_size, seq_len, precision)
+    return {"parameters": model.parameter_report(), "visual_tokens": model.num_visual_tokens,
+            "grid": list(model.encoder.grid), "device": str(model.device), "dtype": str(model.dtype),
+            "memory": {**memory.as_dict(), "explanation": memory.explain()}, "diagram": model_diagram(model)}
+
+
+def preview_data(kind: str, options: dict | None = None, n: int = 4, seed: int = 0) -> dict[str, Any]:
+    """`n` samples of a dataset (image paths, conversation) with its counts and skipped-row report."""
+    from .data.loaders import load_dataset_spec
+
+    data = load_dataset_spec(kind, **(options or {}))
+    report = getattr(data, "report", None)
+    picked = data.subset(n, seed=seed) if len(data) > n else data
+    samples = [{"images": [str(im) if isinstance(im, (str, Path)) else im for im in s.images],
+                "messages": s.messages} for s in picked]
+    return {"count": len(data), "samples": samples,
+            "report": report.as_dict() if report is not None else {}, "summary": report.summary() if report else ""}
+
+
+def run_rows(registry) -> list[dict[str, Any]]:
+    """The runs list: status (true even for dead processes), paradigm, components, best metric, trainable %."""
+    from .training.metrics import read_metrics
+
+    rows = []
+    for r in registry.list():
+        run_dir = registry.run_dir(r["id"])
+        metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+        evals = [m["accuracy"] for m in metrics if m["kind"] == "eval" and "accuracy" in m]
+        stages = [m for m in metrics if m["kind"] == "stage"]
+        try:
+            model = registry.config(r["id"]).model
+            parts = (model.encoder.name, model.integrator.name, model.llm.name, model.peft.method)
+        except Exception:  # noqa: BLE001 -- a run whose config can no longer be read still lists
+            parts = ("?", "?", "?", "?")
+        total = next((s for s in stages if "trainable_params" in s), None)
+        rows.append({"id": r["id"], "name": r["name"], "status": r["status"], "reason": r.get("reason") or "",
+                     "paradigm": r["paradigm"], "encoder": parts[0], "integrator": parts[1], "llm": parts[2],
+                     "peft": parts[3], "best_accuracy": max(evals) if evals else None,
+                     "trainable_params": total["trainable_params"] if total else None,
+                     "created": r["created"]})
+    return rows
+
+
+def run_progress(registry, run_id: str, log_lines: int = 20) -> dict[str, Any]:
+    """One run's live state for a progress view: stage, step, fraction done, ETA, last metrics, log tail."""
+    from .training.metrics import read_metrics
+
+    row = registry.get(run_id)
+    path = registry.run_dir(run_id) / "metrics.jsonl"
+    metrics = read_metrics(path) if path.is_file() else []
+    stages = [m for m in metrics if m["kind"] == "stage"]
+    train = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    last = train[-1] if train else {}
+    fraction = eta = None
+    if last and stages:
+        n_stages = max(1, len(registry.config(run_id).stages) or len(stages))
+        done_stages = len(stages) - 1
+        within = last.get("batch", 0) / max(1, last.get("batches", 1))
+        fraction = min(1.0, (done_stages + within) / n_stages)
+        elapsed = last["time"] - stages[0]["time"]
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+    if row["status"] == "completed":
+        fraction, eta = 1.0, 0.0
+    return {"id": run_id, "status": row["status"], "reason": row.get("reason") or "",
+            "stage": stages[-1]["name"] if stages else None, "step": last.get("step"), "fraction": fraction,
+            "eta_s": eta, "loss": last.get("loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
+            "memory_mb": last.get("memory_mb"), "evals": [{k: e.get(k) for k in ("step", "accuracy", "by_type")}
+                                                          for e in evals],
+            "log": registry.log_tail(run_id, lines=log_lines)}
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "—"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def curves_figure(runs: dict[str, str | Path]):
+    """Plotly figure of loss (and evaluation accuracy) against step for one or several runs, lr beneath."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .training.metrics import read_metrics
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06,
+                        specs=[[{"secondary_y": True}], [{}]])
+    for label, run_dir in runs.items():
+        path = Path(run_dir) / "metrics.jsonl"
+        metrics = read_metrics(path) if path.is_file() else []
+        train = [m for m in metrics if m["kind"] == "train"]
+        evals = [m for m in metrics if m["kind"] == "eval"]
+        steps = [m["step"] for m in train]
+        fig.add_trace(go.Scatter(x=steps, y=[m["loss"] for m in train], name=f"{label} loss", mode="lines"), 1, 1)
+        if evals:
+            fig.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["accuracy"] for e in evals],
+                                     name=f"{label} eval accuracy", mode="lines+markers"), 1, 1, secondary_y=True)
+        fig.add_trace(go.Scatter(x=steps, y=[m["lr"] for m in train], name=f"{label} lr", mode="lines",
+                                 line={"dash": "dot"}), 2, 1)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="learning rate", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_layout(height=480, margin={"l": 40, "r": 20, "t": 30, "b": 40}, legend={"orientation": "h"})
+    return fig
+
+
+class ModelCache:
+    """The model a front end works with, loaded once per source ("default", a config, a run or a model folder).
+
+    Loading SmolLM2 and an encoder takes seconds; chat and attention views reuse the loaded model. One
+    model is kept (a CPU machine has room for one), guarded by a lock so concurrent users share it safely.
+    """
+
+    def __init__(self, registry=None):
+        self.registry = registry
+        self._key: str | None = None
+        self._model = None
+        self.lock = threading.RLock()
+
+    def model_dir(self, source: str) -> Path | None:
+        """A run id, a run folder or a saved model folder → its saved model folder (None for "default")."""
+        if source in ("", "default", None):
+            return None
+        path = Path(source)
+        if not path.exists() and self.registry is not None:
+            path = self.registry.run_dir(source)
+        for candidate in (path / "model", path / "best", path):
+            if (candidate / "config.yaml").is_file():
+                return candidate
+        from .training.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(path) if path.is_dir() else None
+        if ckpt is not None and (ckpt / "model" / "config.yaml").is_file():
+            return ckpt / "model"  # a run still training: its latest checkpoint
+        raise ConfigError(f"No saved model or checkpoint yet for '{source}'")
+
+    def get(self, source: str = "default"):
+        from .config import ModelConfig
+        from .model import VisionLanguageModel
+
+        with self.lock:
+            folder = self.model_dir(source)
+            key = str(folder) if folder else "default"
+            stamp = f"{key}@{(folder / 'config.yaml').stat().st_mtime if folder else 0}"
+            if stamp != self._key:
+                self._model = None  # free the old one first
+                started = time.time()
+                self._model = VisionLanguageModel.from_pretrained(folder) if folder else \
+                    VisionLanguageModel.from_config(ModelConfig())
+                self._model.load_seconds = time.time() - started
+                self._key = stamp
+            return self._model
