@@ -1,10 +1,13 @@
 # The two commands a fresh machine needs: `make run` and `make test` (each sets everything up first).
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run chat test test-fast bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 run: setup
+	.venv/bin/python apps/workbench_app.py
+
+chat: setup
 	.venv/bin/workbench chat --image examples/images/red_circle.png
 
 test: setup
