@@ -1,15 +1,16 @@
 """Integrators compared: every modality-integrator family on easy-VQA at one equal training budget.
 
 Same data (easy-VQA train, the config's 4,000-question slice), same encoder (embedded MobileNetV2) and LLM
-(embedded SmolLM2-135M-Instruct, frozen), same recipe (single-stage: only the integrator trains, at the
-same learning rate and batch) and the same wall-clock training budget per row — each row runs
-`workbench train examples/configs/single_stage_easyvqa.yaml --integrator NAME` in its own process.
+(embedded SmolLM2-135M-Instruct, frozen, with the same LoRA modules), same recipe (direct adaptation: the
+integrator and LoRA train together, same learning rate and batch) and the same wall-clock training budget
+per row — each row runs `workbench train examples/configs/direct_lora_easyvqa.yaml --integrator NAME` in its
+own process. (With a frozen LLM and no LoRA, a few CPU minutes are not enough for any prefix integrator to
+teach SmolLM2 to answer: measured 42.9% for `linear` after 3 minutes, below the text-only floor.)
 The frozen encoder's features are computed once before the rows (all rows share the feature cache), so
 no row pays for them. Each trained model is then evaluated on the same test questions.
 
-The floor is the text-only baseline: the same LLM with LoRA trained at the same budget on the same
-questions without their images (a frozen LLM cannot learn anything text-only). An integrator that does
-not clearly beat it has not learned to see.
+The floor is the text-only baseline: the very same recipe (LoRA) at the same budget on the same questions
+without their images. An integrator that does not clearly beat it has not learned to see.
 
 Columns: test accuracy (overall, yes/no, colour, shape), trainable parameters, visual tokens per image,
 seconds per optimizer step (median over the run), optimizer steps done in the budget, peak memory of
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _runs as R  # noqa: E402
 
-CONFIG = "examples/configs/single_stage_easyvqa.yaml"
-BASELINE_CONFIG = "examples/configs/direct_lora_easyvqa.yaml"
+CONFIG = "examples/configs/direct_lora_easyvqa.yaml"
+BASELINE_CONFIG = CONFIG
 INTEGRATORS = ["linear", "mlp", "qformer", "resampler", "c_abstractor", "ldp", "avg_pool",
                "gated_xattn", "lavin_mma", "llama_adapter"]
 MARGIN = 0.05  # "clearly beats the text-only baseline": at least 5 points of accuracy
@@ -127,10 +128,11 @@ def main() -> int:
             "## integrators — every integrator family on easy-VQA at an equal budget",
             "",
             f"`workbench train {CONFIG} --integrator NAME` per row, in its own process: MobileNetV2 (frozen) → "
-            f"integrator → SmolLM2-135M-Instruct (frozen), single-stage recipe (only the integrator trains, "
-            f"lr 1e-3, batch 16), **{args.minutes:g} minutes of training per row** (the stage's time budget; "
-            "the cosine schedule follows the clock), features cached once beforehand for all rows. The text-only "
-            f"floor trains LoRA in the same LLM at the same budget without the images. Evaluated on {count} "
+            f"integrator → SmolLM2-135M-Instruct (frozen) with LoRA r=8 on q/k/v/o, direct-adaptation recipe "
+            f"(integrator + LoRA train together, lr 1e-3, batch 16), **{args.minutes:g} minutes of training per "
+            "row** (the stage's time budget; the cosine schedule follows the clock), features cached once "
+            "beforehand for all rows. The text-only floor is the same recipe at the same budget without the "
+            f"images. Evaluated on {count} "
             "easy-VQA test questions (seeded subset) by greedy generation and normalised exact match.",
             "",
             f"- machine: {C.machine_line()}",

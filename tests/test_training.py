@@ -35,8 +35,12 @@ def test_paradigm_recipes():
     stages = resolve_stages(RunConfig(paradigm="two-stage"))
     assert [s.name for s in stages] == ["align", "instruct"] and stages[1].llm == "full"
     assert stages[0].data.kind == "emoji-captions" and stages[1].data.kind == "easy-vqa"
-    with pytest.raises(ConfigError, match="PEFT"):
+    with pytest.raises(ConfigError, match="peft.method.*inside the LLM"):
         resolve_stages(RunConfig(paradigm="direct"))
+    from workbench.config import IntegratorSpec, ModelConfig
+
+    direct = resolve_stages(RunConfig(paradigm="direct", model=ModelConfig(integrator=IntegratorSpec(name="lavin_mma"))))
+    assert [(s.train_integrator, s.llm) for s in direct] == [(True, "frozen")]  # the adapters are the integrator
 
 
 def test_training_lowers_the_loss_and_logs(tiny_config, example_image, tmp_path):

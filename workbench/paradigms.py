@@ -70,7 +70,19 @@ def resolve_stages(run: RunConfig) -> list[StageSpec]:
         return stages
     paradigm = PARADIGMS.get(run.paradigm)
     stages = paradigm.build_stages(run)
+    if run.model.peft.method == "none" and _integrator_inside_llm(run):
+        for s in stages:  # LaVIN / LLaMA-Adapter / Flamingo: the integrator *is* the lightweight module in the LLM
+            if s.llm == "peft":
+                s.llm = "frozen"
     if any(s.llm == "peft" for s in stages) and run.model.peft.method == "none":
-        raise ConfigError(f"The {paradigm.title} paradigm trains PEFT modules inside the LLM: set model.peft.method "
-                          f"(lora, dora, ia3, prompt_tuning, prefix_tuning, adaption_prompt)")
+        raise ConfigError(f"The {paradigm.title} paradigm trains lightweight modules inside the LLM: set "
+                          f"model.peft.method (lora, dora, ia3, prompt_tuning, prefix_tuning, adaption_prompt) or "
+                          f"use an integrator that lives inside the LLM (gated_xattn, lavin_mma, llama_adapter)")
     return stages
+
+
+def _integrator_inside_llm(run: RunConfig) -> bool:
+    from .integrators import INTEGRATORS
+
+    name = run.model.integrator.name
+    return name in INTEGRATORS and INTEGRATORS.info(name).get("placement") == "in_llm"
