@@ -223,6 +223,17 @@ class Workbench:
         return f"deleted {run_id}"
 
     # ------------------------------------------------------------------ chat
+    def check_image(self, path):
+        """An uploaded or picked image, checked before anything uses it; the preview shows what will be sent."""
+        from workbench.images import load_image
+
+        if not path:
+            return None
+        try:
+            return load_image(path)
+        except Exception as e:  # noqa: BLE001
+            raise gr.Error(f"Refused: {str(e).splitlines()[0]}") from None
+
     def chat(self, source, image, text, history, session_state, max_new_tokens, temperature, top_p):
         from workbench.chat import ChatSession, GenerationSettings
         from workbench.images import load_image
@@ -405,7 +416,11 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                                      label="Model (default = untrained embedded model; or a run)")
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="filepath", label="Image", sources=["upload"], height=260)
+                    # a File, not an Image component: the workbench checks the upload itself (type, bytes, pixels)
+                    # and refuses with a readable message instead of a decoder's error
+                    image = gr.File(label="Image (PNG, JPEG, …; at most 50 MB)", file_types=["image"], type="filepath",
+                                    elem_id="chat-image", height=90)
+                    preview = gr.Image(label="Preview", interactive=False, height=200)
                     gr.Examples(examples, inputs=image, label="Example images")
                     max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
                     temperature = gr.Slider(0, 1.5, 0, step=0.05, label="Temperature (0 = greedy)")
@@ -417,10 +432,11 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                         send = gr.Button("Send", variant="primary")
                         reset = gr.Button("New chat")
             chat_state = gr.State({})
+        image.change(wb.check_image, image, preview)
         chat_inputs = [source, image, question, chatbot, chat_state, max_new, temperature, top_p]
         send.click(wb.chat, chat_inputs, [chatbot, chat_state, question])
         question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question])
-        reset.click(lambda: ([], {}), None, [chatbot, chat_state])
+        reset.click(lambda: ([], {}, None, None), None, [chatbot, chat_state, image, preview])
 
         with gr.Tab("Attention"):
             gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
@@ -492,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     app.queue(default_concurrency_limit=8)
     print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else ""))
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-               max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=False)
+               max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=True)  # messages only, no tracebacks
     return 0
 
 

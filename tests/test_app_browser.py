@@ -1,0 +1,185 @@
+"""The Gradio workbench in a real browser (headless Chromium driven by Playwright), as a new user goes through it:
+build the default model, launch a tiny training run and watch it finish, reload the page mid-run and find the
+run still there, chat about an uploaded image (streamed answer), open the attention view and get a heatmap,
+and see an upload that is not an image refused. Screenshots of each step go to $WORKBENCH_SCREENSHOTS
+(default artifacts/browser/), which .ci/run keeps.
+
+Needs Chromium (`apt-get install chromium`; .ci/run installs it): skipped with the reason where it is missing.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(os.environ.get("WORKBENCH_SCREENSHOTS", REPO / "artifacts" / "browser"))
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")]
+
+
+@pytest.fixture()
+def server(tmp_path, tiny_llm_dir):
+    """The app as `make run` starts it (its own process, loopback), on a free port with its own runs folder."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORKBENCH_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORKBENCH_APP_AUTH", None)
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "apps" / "workbench_app.py"), "--port", str(port),
+                             "--runs", str(tmp_path / "runs")], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.close()
+                pytest.fail("the app did not start:\n" + (tmp_path / "app.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture()
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        yield page
+        context.close()
+        browser.close()
+
+
+def shot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def pick(page, label, value):
+    """Set a Gradio dropdown (a combobox input) to `value`, typed (custom values allowed) and confirmed."""
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    box.fill(value)
+    option = page.get_by_role("option", name=value, exact=True)
+    if option.count():
+        option.first.click()  # a listed choice: pick it from the list
+    else:
+        box.press("Enter")  # a custom value (a local folder, a run id)
+    page.keyboard.press("Escape")
+    assert box.input_value() == value, f"{label}: {box.input_value()!r} instead of {value!r}"
+
+
+def fill(page, label, value):
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def visible_text(page, text):
+    """The first *visible* element with this text (hidden tabs and option lists hold copies)."""
+    return page.get_by_text(text).filter(visible=True).first
+
+
+def tab(page, name):
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, example_image, tmp_path):
+    rows = [{"id": str(i), "image": str(example_image),
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                               {"from": "gpt", "value": "red"}]} for i in range(8)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    page.goto(server)
+    page.get_by_text("VLLM Workbench").first.wait_for()
+    shot(page, "01-opened")
+
+    # Build: the embedded default, described
+    page.get_by_role("button", name="Build and describe").click()
+    visible_text(page, "visual tokens").wait_for()
+    page.get_by_text("smollm2-135m-instruct: 30 layers").wait_for()
+    shot(page, "02-built-default")
+
+    # a tiny LLM for the training run (a local folder typed into the LLM picker), tiny data
+    pick(page, "LLM", str(tiny_llm_dir))
+    tab(page, "Data")
+    pick(page, "Dataset", "llava")
+    fill(page, "Loader options (JSON)", json.dumps({"json_path": str(data)}))
+    tab(page, "Train")
+    fill(page, "Time budget (minutes, 0 = none)", 0)
+    fill(page, "Batch size", 4)
+    fill(page, "Epochs per stage", 40)  # long enough to reload mid-run
+    fill(page, "Run name (optional)", "browser run")
+    page.get_by_role("button", name="Launch in the background").click()
+    status = page.get_by_label("Status", exact=True)
+    page.wait_for_function("(el) => el.value.includes('browser-run')", arg=status.element_handle())
+    run_id = status.input_value()
+    visible_text(page, "running").wait_for(timeout=120_000)
+    shot(page, "03-training")
+
+    # reload mid-run: the run is still there and still going
+    page.reload()
+    page.get_by_text("VLLM Workbench").first.wait_for()
+    tab(page, "Runs")
+    page.get_by_role("button", name="Refresh").click()
+    visible_text(page, run_id).wait_for()
+    shot(page, "04-reloaded-run-still-there")
+
+    # watch it finish: the Train view re-attaches to the run, its curve appears and the status says completed
+    tab(page, "Train")
+    pick(page, "Run", run_id)
+    visible_text(page, "completed").wait_for(timeout=240_000)
+    page.locator(".js-plotly-plot").filter(visible=True).first.wait_for()
+    shot(page, "05-finished-with-curve")
+
+    # chat with it about an uploaded image: the answer streams in
+    tab(page, "Chat")
+    pick(page, "Model (default = untrained embedded model; or a run)", run_id)
+    page.locator("#chat-image input[type=file]").set_input_files(str(example_image))
+    page.get_by_label("Message", exact=True).fill("what color is the shape?")
+    page.get_by_role("button", name="Send").click()
+    page.locator("[data-testid=bot]").first.wait_for()
+    page.wait_for_function("() => { const b = document.querySelectorAll('[data-testid=bot]');"
+                           " return b.length && b[b.length - 1].innerText.trim().length > 0; }")
+    shot(page, "06-chat-answer")
+
+    # the attention view of that answer
+    tab(page, "Attention")
+    page.get_by_role("button", name="Explain").click()
+    visible_text(page, "Answer tokens").wait_for()
+    page.locator(".js-plotly-plot").filter(visible=True).first.wait_for()
+    shot(page, "07-attention")
+
+    # a file that is not an image is refused with a readable message
+    tab(page, "Chat")
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image")
+    page.get_by_role("button", name="New chat").click()
+    page.locator("#chat-image input[type=file]").set_input_files(str(fake))
+    visible_text(page, "Not an image file").wait_for()
+    shot(page, "08-refused-upload")
