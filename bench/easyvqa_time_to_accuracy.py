@@ -81,6 +81,11 @@ def part_headline(args) -> None:
             points.append({"train_s": seconds, **result})
             print(f"  {seconds / 60:5.1f} min  accuracy {result['accuracy']:.4f}  {result['by_type']}  "
                   f"(eval {result['eval_s']:.0f} s)", flush=True)
+        if args.keep:  # the trained model, for bench/attention_localisation.py
+            import shutil
+
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(run_dir / "model", args.keep)
         _save("headline", {"config": HEADLINE_CONFIG, "minutes": args.minutes, "wall_s": run["wall_s"],
                            "points": points, "peak_mb": R.peak_mb(rows), "load": load.note(),
                            "steps": max((r["step"] for r in rows if r["kind"] == "train"), default=0),
@@ -174,6 +179,7 @@ def main() -> int:
     parser.add_argument("--checkpoint-limit", type=int, default=1000, help="test questions per earlier checkpoint")
     parser.add_argument("--baseline-limit", type=int, default=1000)
     parser.add_argument("--paradigm-limit", type=int, default=1000)
+    parser.add_argument("--keep", help="copy the headline's trained model here")
     args = parser.parse_args()
     if args.quick:
         args.minutes, args.every, args.baseline_minutes, args.paradigm_minutes = 1.0, 0.5, 0.5, 0.5
