@@ -154,3 +154,25 @@ def test_uploads_are_checked_before_use(wb, example_image, tmp_path):
     fake.write_text("not an image")
     with pytest.raises(gr.Error, match="Refused: Not an image file.*notes.png"):
         wb.check_image(str(fake))
+
+
+def test_progress_of_a_run_configured_by_its_paradigm_alone(tmp_path, tiny_config, example_image):
+    """Runs started from the command line name a paradigm and no stages: the progress view still counts them."""
+    import copy
+
+    from workbench import frontend
+    from workbench.config import DataSpec, RunConfig, TrainingSpec
+    from workbench.jobs import RunRegistry
+    from workbench.training.metrics import MetricsLog
+
+    registry = RunRegistry(tmp_path / "runs")
+    run_id = registry.create(RunConfig(name="cli run", model=copy.deepcopy(tiny_config), paradigm="two-stage",
+                                       data=DataSpec(kind="easy-vqa"), training=TrainingSpec()))
+    log = MetricsLog(registry.run_dir(run_id) / "metrics.jsonl")
+    log.write("stage", stage=0, name="align", batches=10)
+    log.write("train", stage=0, step=5, batch=5, batches=10, loss=1.0, lr=1e-3, samples_per_s=2.0, memory_mb=10.0)
+    p = frontend.run_progress(registry, run_id)
+    assert p["stage"] == "align" and p["fraction"] == pytest.approx(0.25)  # half of the first of two stages
+    assert frontend.format_eta(p["eta_s"]) != "—"
+    rows = frontend.run_rows(registry)
+    assert rows[0]["paradigm"] == "two-stage" and rows[0]["integrator"] == "mlp"

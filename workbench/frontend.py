@@ -122,7 +122,9 @@ def run_progress(registry, run_id: str, log_lines: int = 20) -> dict[str, Any]:
     last = train[-1] if train else {}
     fraction = eta = None
     if last and stages:
-        n_stages = max(1, len(registry.config(run_id).stages) or len(stages))
+        from .paradigms import resolve_stages
+
+        n_stages = max(1, len(stages), len(resolve_stages(registry.config(run_id))))
         done_stages = len(stages) - 1
         within = last.get("batch", 0) / max(1, last.get("batches", 1))
         fraction = min(1.0, (done_stages + within) / n_stages)
