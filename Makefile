@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make run` and `make test` (each sets everything up first).
-.PHONY: setup run chat test test-fast bench clean
+.PHONY: setup run chat notebooks test test-fast bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -9,6 +9,9 @@ run: setup
 
 chat: setup
 	.venv/bin/workbench chat --image examples/images/red_circle.png
+
+notebooks: setup
+	.venv/bin/jupyter lab --ip 127.0.0.1 --notebook-dir notebooks
 
 test: setup
 	.venv/bin/python -m pytest -q
