@@ -138,7 +138,7 @@ def main() -> int:
             "## feature_cache — epoch time without vs with cached encoder features",
             "",
             f"Same run, two epochs of {batches} batches × {args.batch_size} easy-VQA samples through the full "
-            "Trainer (single-stage: encoder and LLM frozen, integrator trained, fp32 on CPU), once with "
+            "Trainer (single-stage: encoder and LLM frozen, integrator trained, `precision: auto`: bf16 autocast on CPUs with native bf16, else fp32), once with "
             "`cache_features: false` and once with `cache_features: true` from an empty cache. Epoch 1 of the "
             "cached run computes and stores the features; epoch 2 reads them back.",
             "",
