@@ -32,7 +32,7 @@ import _runs as R  # noqa: E402
 
 TARGET = 0.938
 LONG_TARGET = 0.97
-HEADLINE_CONFIG = "examples/configs/direct_lora_easyvqa.yaml"
+HEADLINE_CONFIG = "examples/configs/fast_easyvqa.yaml"
 PARADIGM_CONFIGS = {"single-stage": "examples/configs/single_stage_easyvqa.yaml",
                     "two-stage": "examples/configs/two_stage_easyvqa.yaml",
                     "direct": "examples/configs/direct_lora_easyvqa.yaml"}
