@@ -90,7 +90,8 @@ class OtherLoad:
         except (OSError, ValueError, IndexError):
             return None
         busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)  # all but idle and iowait
-        return time.monotonic(), busy, int(me[11]) + int(me[12])  # utime + stime of this process
+        # utime + stime of this process and of its finished children (benchmarks that train in subprocesses)
+        return time.monotonic(), busy, sum(int(x) for x in me[11:15])
 
     def stop(self) -> float | None:
         end = self._sample()
