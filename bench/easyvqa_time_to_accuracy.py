@@ -130,8 +130,9 @@ def part_report(args) -> int:
         rows.append([f"text-only, {baseline['minutes']:g} min", f"{100 * baseline['accuracy']:.2f}", *R.by_type(baseline),
                      str(baseline["count"]), f"{baseline['eval_s']:.0f}"])
     print(C.text_table(headers, rows))
-    within = [p for p in headline["points"] if p["train_s"] <= 15 * 60 + 5]
-    best = max((p["accuracy"] for p in within), default=0.0)
+    within = [p for p in headline["points"] if p["train_s"] <= 15 * 60 + 30]  # the stage ends at 15 min; saving follows
+    full = [p for p in within if p["count"] >= 9673]  # the target is on the full test split
+    best = max((p["accuracy"] for p in (full or within)), default=0.0)
     tables = ["", C.markdown_table(headers, rows)]
     if paradigms:
         pheaders = ["paradigm", "config", "accuracy %", "yes/no %", "colour %", "shape %", "trainable params",

@@ -10,7 +10,7 @@ One eager-attention pass over prompt + answer (chat and training keep their fuse
 Composing token→visual-token attention with visual-token→patch maps puts every view on image patches.
 
 A second, gradient-based view (`relevancy=True`) needs one backward pass: gradient-weighted attention
-relevancy (Chefer et al., 2021, as LVLM-Interpret uses) and gradient × feature on the encoder's patches,
+relevancy (Chefer et al., 2021, as LVLM-Interpret uses) and |gradient · feature| on the encoder's patches,
 which works for every integrator, including adapters inside the LLM that have no attention path to
 the patches (LaVIN, LLaMA-Adapter), and for PEFT-wrapped (LoRA…) models.
 
@@ -228,7 +228,8 @@ def _add_relevancy(model, batch, trace: AttentionTrace, features: torch.Tensor |
             relevance = relevance + cam @ relevance
         rel_rows.append(relevance[position - 1])
         if feats is not None and feats.grad is not None:
-            g = (feats.grad * feats.detach()).sum(dim=-1).clamp(min=0).float().cpu()  # (images, N)
+            # how much each patch's features move the answer's log-probability, either way (|grad · feature|)
+            g = (feats.grad * feats.detach()).sum(dim=-1).abs().float().cpu()  # (images, N)
             grad_rows.append(_drop_cls(model, g + 1e-12))
         model.zero_grad(set_to_none=True)
     trace.relevancy = torch.stack(rel_rows) if rel_rows else None
@@ -294,6 +295,9 @@ def image_map(trace: AttentionTrace, token: int = -1, method: str = "attention",
             raise ConfigError("Gradients were not computed: trace with relevancy=True")
         return _normalise(trace.gradient[token, image]).reshape(h, w)
     if trace.cross:  # gated cross-attention: the image enters through the blocks, not the sequence
+        if method != "attention":
+            raise ConfigError("Gated cross-attention reaches the image only through its cross-attention blocks, "
+                              "not through the sequence: use method='attention' (their maps) or 'gradient'")
         return _normalise(_cross_attention_map(trace, token, head, layers, image)).reshape(h, w)
     patch_map = trace.patch_maps[image]
     if patch_map is None:
