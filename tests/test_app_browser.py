@@ -129,6 +129,8 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     pick(page, "LLM", str(tiny_llm_dir))
     tab(page, "Data")
     pick(page, "Dataset", "llava")
+    options = page.get_by_label("Loader options (JSON)", exact=True)  # picking a dataset fills in its template first
+    page.wait_for_function("(el) => el.value.includes('path/to')", arg=options.element_handle())
     fill(page, "Loader options (JSON)", json.dumps({"json_path": str(data)}))
     tab(page, "Train")
     fill(page, "Time budget (minutes, 0 = none)", 0)
