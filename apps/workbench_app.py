@@ -140,26 +140,15 @@ class Workbench:
     # ------------------------------------------------------------------ train
     def launch(self, encoder, integrator, llm, peft, options_json, kind, data_options, paradigm, name, batch_size,
                lr, epochs, max_minutes, eval_every, text_only):
-        from workbench.config import DataSpec, RunConfig, TrainingSpec
-        from workbench.paradigms import resolve_stages
+        from workbench.config import DataSpec
 
         try:
             model = self.model_config(encoder, integrator, llm, peft, options_json)
-            if paradigm == "direct" and model.peft.method == "none":
-                raise gr.Error("Direct adaptation trains PEFT modules inside the LLM: pick a PEFT method in Build")
             data = DataSpec(kind=kind, options=json.loads(data_options or "{}"))
             eval_data = DataSpec(kind="easy-vqa", options={"split": "test"}) if kind == "easy-vqa" else None
-            run = RunConfig(name=name or f"{paradigm}-{integrator}", model=model, paradigm=paradigm, data=data,
-                            eval_data=eval_data, text_only=bool(text_only),
-                            training=TrainingSpec(batch_size=int(batch_size), eval_every=int(eval_every),
-                                                  eval_samples=128))
-            stages = resolve_stages(run)
-            for s in stages:
-                s.lr = float(lr)
-                s.epochs = float(epochs)
-                s.max_minutes = float(max_minutes) / len(stages) if max_minutes else None
-            run.stages = stages
-            run_id = self.registry.create(run.validate())
+            run = frontend.run_config(model, data, paradigm, name, batch_size, lr, epochs, max_minutes, eval_every,
+                                      text_only, eval_data)
+            run_id = self.registry.create(run)
             self.registry.start(run_id)
         except Exception as e:  # noqa: BLE001
             _fail(e)

@@ -107,7 +107,7 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
 
 
 def test_direct_adaptation_without_peft_is_refused(wb, tiny_llm_dir):
-    with pytest.raises(gr.Error, match="PEFT"):
+    with pytest.raises(gr.Error, match="peft.method"):
         wb.launch("mobilenet_v2", "mlp", str(tiny_llm_dir), "none", "{}", "easy-vqa", "{}", "direct", "", 4, 1e-3,
                   1, 0, 0, False)
 

@@ -85,6 +85,26 @@ def preview_data(kind: str, options: dict | None = None, n: int = 4, seed: int =
             "report": report.as_dict() if report is not None else {}, "summary": report.summary() if report else ""}
 
 
+def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16, lr: float = 1e-3,
+               epochs: float = 1.0, max_minutes: float | None = None, eval_every: int = 0, text_only: bool = False,
+               eval_data=None):
+    """A validated RunConfig from the choices a front end offers: the paradigm's recipe with one learning rate,
+    epochs and time budget (split over its stages) applied to every stage."""
+    from .config import RunConfig, TrainingSpec
+    from .paradigms import resolve_stages
+
+    run = RunConfig(name=name or f"{paradigm}-{model.integrator.name}", model=model, paradigm=paradigm, data=data,
+                    eval_data=eval_data, text_only=bool(text_only),
+                    training=TrainingSpec(batch_size=int(batch_size), eval_every=int(eval_every), eval_samples=128))
+    stages = resolve_stages(run)
+    for s in stages:
+        s.lr = float(lr)
+        s.epochs = float(epochs)
+        s.max_minutes = float(max_minutes) / len(stages) if max_minutes else None
+    run.stages = stages
+    return run.validate()
+
+
 def run_rows(registry) -> list[dict[str, Any]]:
     """The runs list: status (true even for dead processes), paradigm, components, best metric, trainable %."""
     from .training.metrics import read_metrics
