@@ -1,0 +1,100 @@
+"""UI responsiveness while training: how long the app's status refresh takes with a run going.
+
+Starts a real background run of the embedded default (single-stage, MobileNetV2 + MLP + SmolLM2) through the
+app's own `Workbench`, then, while it trains on the same 2 cores, calls the Train tab's refresh callback
+(`Workbench.progress`: run status, metrics, curves figure, log tail — what the 2-second timer calls) and the
+Runs tab's table callback repeatedly, timing each call. Side by side: the same calls with no run going.
+
+Run: .venv/bin/python bench/ui_latency.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET_S = 1.0
+
+
+def load_app():
+    spec = importlib.util.spec_from_file_location("workbench_app", C.REPO / "apps" / "workbench_app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_calls(fn, n: int, pause: float) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = C.now()
+        fn()
+        out.append(C.now() - t0)
+        time.sleep(pause)
+    return out
+
+
+def p95(values: list[float]) -> float:
+    return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 refreshes per side")
+    parser.add_argument("--calls", type=int, default=40)
+    args = parser.parse_args()
+    n = 10 if args.quick else args.calls
+    C.setup_environment()
+    app = load_app()
+    with tempfile.TemporaryDirectory() as tmp:
+        wb = app.Workbench(Path(tmp) / "runs")
+        idle_id, _ = wb.launch("mobilenet_v2", "mlp", "smollm2-135m-instruct", "none", "{}", "easy-vqa",
+                               '{"split": "train", "limit": 64}', "single-stage", "idle reference", 16, 1e-3, 1, 0, 0,
+                               False)
+        wb.registry.wait(idle_id, timeout=600)
+        idle = {"progress": time_calls(lambda: wb.progress(idle_id), n, 0.05),
+                "runs table": time_calls(wb.runs_table, n, 0.05)}
+        run_id, _ = wb.launch("mobilenet_v2", "mlp", "smollm2-135m-instruct", "none", "{}", "easy-vqa",
+                              '{"split": "train", "limit": 4000}', "single-stage", "busy", 16, 1e-3, 1, 10, 0, False)
+        deadline = time.time() + 300
+        while wb.progress(run_id)[0].find("step 0") != -1 or "running" not in wb.progress(run_id)[0]:
+            if time.time() > deadline:
+                raise SystemExit("the training run did not start training: " + wb.progress(run_id)[0])
+            time.sleep(1)
+        busy = {"progress": time_calls(lambda: wb.progress(run_id), n, 0.5),
+                "runs table": time_calls(wb.runs_table, n, 0.5)}
+        still = wb.registry.get(run_id)["status"]
+        wb.registry.cancel(run_id, wait=60)
+    headers = ["callback", "idle median (s)", "idle p95 (s)", "training median (s)", "training p95 (s)", "target"]
+    rows = [[name, f"{statistics.median(idle[name]):.3f}", f"{p95(idle[name]):.3f}",
+             f"{statistics.median(busy[name]):.3f}", f"{p95(busy[name]):.3f}", f"< {TARGET_S:g}"] for name in idle]
+    print(C.text_table(headers, rows))
+    worst = max(p95(v) for v in busy.values())
+    if not args.quick:
+        body = "\n".join([
+            "## ui_latency — the app's status refresh while a run trains",
+            "",
+            f"`apps/workbench_app.py`'s callbacks, called {n} times each: the Train tab's refresh (`Workbench.progress`: "
+            "status, metrics, curves figure, log tail — what its 2-second timer calls) and the Runs table, first with no "
+            "run going, then while a real single-stage run of the embedded default trains in the background on the same "
+            f"2 cores (status during the measurement: {still}).",
+            "",
+            f"- machine: {C.machine_line()}",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "- command: `.venv/bin/python bench/ui_latency.py`",
+            "",
+            C.markdown_table(headers, rows),
+        ])
+        C.write_results_section("ui_latency", body)
+    print(C.result_line("ui_status_refresh_p95_while_training_s", f"{worst:.3f}", f"<{TARGET_S:g}", worst < TARGET_S))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
