@@ -30,6 +30,7 @@ from workbench.errors import WorkbenchError  # noqa: E402
 EXAMPLES = REPO / "examples" / "images"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "50mb"
+WITHHELD = "same model, images withheld"
 DATA_KINDS = ["easy-vqa", "emoji-captions", "llava", "captions", "hf"]
 DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-captions": {},
                         "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
@@ -286,27 +287,37 @@ class Workbench:
                 modality_share_figure(trace), prompt_attention_figure(trace, token, "attention", head, layers), note)
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self, run_id, split, limit, text_only, progress=gr.Progress()):
+    def evaluate(self, run_id, split, limit, baseline, progress=gr.Progress()):
+        """Accuracy by question type beside a text-only baseline: a text-only run (trained without images) or,
+        by default, the same model with the images withheld — how much the image actually adds."""
         from workbench.data.easyvqa import load_easy_vqa
         from workbench.evaluation import evaluate_vqa
 
         if not run_id:
             raise gr.Error("Pick a run")
         try:
-            model = self.cache.get(run_id)
             data = load_easy_vqa(split).subset(int(limit), seed=0)
             progress(0, desc="evaluating")
             started = time.time()
             with self.cache.lock:
-                result = evaluate_vqa(model, data, batch_size=32, text_only=bool(text_only))
-            seconds = time.time() - started
-            total = next(r for r in model.parameter_report() if r["component"] == "total")
+                model = self.cache.get(run_id)
+                total = next(r for r in model.parameter_report() if r["component"] == "total")
+                result = evaluate_vqa(model, data, batch_size=32)
+                seconds = time.time() - started
+                reference = None
+                if baseline and baseline != "none":
+                    if baseline != WITHHELD:
+                        model = self.cache.get(baseline)
+                    reference = evaluate_vqa(model, data, batch_size=32, text_only=True)
         except Exception as e:  # noqa: BLE001
             _fail(e)
-        rows = [["overall", f"{result['accuracy']:.4f}"]] + [[k, f"{v:.4f}"] for k, v in result["by_type"].items()]
+        kinds = ["overall", *result["by_type"]]
+        value = lambda r, k: r["accuracy"] if k == "overall" else r["by_type"].get(k, float("nan"))  # noqa: E731
+        rows = [[k, f"{value(result, k):.4f}", "" if reference is None else f"{value(reference, k):.4f}"]
+                for k in kinds]
         efficiency = (f"{result['count']} questions in {seconds:.0f} s ({result['count'] / seconds:.1f}/s) · "
                       f"{total['trainable_pct']:.2f}% trainable ({total['trainable']:,} parameters)"
-                      + (" · **text-only** (images withheld)" if text_only else ""))
+                      + ("" if reference is None else f" · baseline: {baseline}, without the images"))
         return rows, efficiency
 
 
@@ -450,11 +461,12 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                 eval_run = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
                 split = gr.Dropdown(["test", "train"], value="test", label="easy-VQA split")
                 limit = gr.Number(200, label="Questions", precision=0)
-                eval_text_only = gr.Checkbox(False, label="Text-only (withhold the images)")
+                eval_baseline = gr.Dropdown([WITHHELD, "none"] + wb.run_ids(), value=WITHHELD, allow_custom_value=True,
+                                            label="Text-only baseline (a text-only run, or the same model)")
                 eval_btn = gr.Button("Evaluate", variant="primary")
-            accuracy = gr.Dataframe(headers=["question type", "accuracy"], interactive=False)
+            accuracy = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False)
             efficiency = gr.Markdown()
-        eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_text_only], [accuracy, efficiency])
+        eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_baseline], [accuracy, efficiency])
 
         refresh.click(wb.runs_table, None, [runs, compare, source])
         refresh.click(lambda: (gr.update(choices=wb.run_ids()),) * 3, None, [delete_pick, run_pick, eval_run])

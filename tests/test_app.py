@@ -101,8 +101,11 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
     with pytest.raises(gr.Error, match="Chat first"):
         wb.explain(run_id, {}, 0, "mean", "attention", -1)
 
-    accuracy, efficiency = wb.evaluate(run_id, "test", 8, False, progress=lambda *a, **k: None)
-    assert accuracy[0][0] == "overall" and "trainable" in efficiency
+    accuracy, efficiency = wb.evaluate(run_id, "test", 8, app_module.WITHHELD, progress=lambda *a, **k: None)
+    assert accuracy[0][0] == "overall" and accuracy[0][2] != "" and "trainable" in efficiency
+    assert "without the images" in efficiency
+    accuracy, efficiency = wb.evaluate(run_id, "test", 8, "none", progress=lambda *a, **k: None)
+    assert accuracy[0][2] == "" and "baseline" not in efficiency
     assert wb.delete(run_id) == f"deleted {run_id}" and run_id not in wb.run_ids()
 
 
