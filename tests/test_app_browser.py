@@ -123,6 +123,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     page.get_by_role("button", name="Build and describe").click()
     visible_text(page, "visual tokens").wait_for()
     page.get_by_text("smollm2-135m-instruct: 30 layers").wait_for()
+    assert "49 visual tokens" in page.locator("body").inner_text()
     shot(page, "02-built-default")
 
     # a tiny LLM for the training run (a local folder typed into the LLM picker), tiny data
@@ -141,6 +142,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     status = page.get_by_label("Status", exact=True)
     page.wait_for_function("(el) => el.value.includes('browser-run')", arg=status.element_handle())
     run_id = status.input_value()
+    assert run_id.endswith("browser-run")
     visible_text(page, "running").wait_for(timeout=120_000)
     shot(page, "03-training")
 
@@ -150,6 +152,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     tab(page, "Runs")
     page.get_by_role("button", name="Refresh").click()
     visible_text(page, run_id).wait_for()
+    assert page.get_by_text(run_id).filter(visible=True).count() >= 1
     shot(page, "04-reloaded-run-still-there")
 
     # watch it finish: the Train view re-attaches to the run, its curve appears and the status says completed
@@ -157,6 +160,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     pick(page, "Run", run_id)
     visible_text(page, "completed").wait_for(timeout=240_000)
     page.locator(".js-plotly-plot").filter(visible=True).first.wait_for()
+    assert "failed" not in page.locator("body").inner_text().split("Log tail")[0]
     shot(page, "05-finished-with-curve")
 
     # chat with it about an uploaded image: the answer streams in
@@ -168,6 +172,8 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     page.locator("[data-testid=bot]").first.wait_for()
     page.wait_for_function("() => { const b = document.querySelectorAll('[data-testid=bot]');"
                            " return b.length && b[b.length - 1].innerText.trim().length > 0; }")
+    answers = page.locator("[data-testid=bot]")
+    assert answers.last.inner_text().strip()
     shot(page, "06-chat-answer")
 
     # the attention view of that answer
@@ -175,6 +181,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     page.get_by_role("button", name="Explain").click()
     visible_text(page, "Answer tokens").wait_for()
     page.locator(".js-plotly-plot").filter(visible=True).first.wait_for()
+    assert page.locator(".js-plotly-plot").filter(visible=True).count() >= 3  # heatmap, share, prompt views
     shot(page, "07-attention")
 
     # a file that is not an image is refused with a readable message
@@ -184,4 +191,5 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     page.get_by_role("button", name="New chat").click()
     page.locator("#chat-image input[type=file]").set_input_files(str(fake))
     visible_text(page, "Not an image file").wait_for()
+    assert "notes.png" in page.locator("body").inner_text()
     shot(page, "08-refused-upload")
