@@ -71,5 +71,12 @@ def test_run_config_overrides_from_the_command_line(tmp_path):
         apply_overrides({}, ["training.batch_size"])
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"name": "x"}, ["name.first=1"])
+    stages = {"stages": [{"name": "align", "lr": 1e-3}, {"name": "tune"}]}
+    assert apply_overrides(stages, ["stages.0.max_minutes=2", "stages.-1.lr=0.5"])["stages"] == [
+        {"name": "align", "lr": 1e-3, "max_minutes": 2}, {"name": "tune", "lr": 0.5}]
+    with pytest.raises(ConfigError, match="not an index of a list of 2"):
+        apply_overrides(stages, ["stages.2.lr=1"])
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(stages, ["stages.first.lr=1"])
     with pytest.raises(ConfigError, match="batch_size"):
         load_run_config(path, ["training.batch_size=many"])

@@ -337,7 +337,8 @@ class RunConfig:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """`key.sub=value` strings (values parsed as YAML) applied to a config mapping, for the command line:
-    `--set model.integrator.name=qformer --set training.batch_size=8`. Keys are checked later by from_dict."""
+    `--set model.integrator.name=qformer --set training.batch_size=8 --set stages.0.max_minutes=5` (a number
+    indexes a list). Keys are checked later by from_dict."""
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -346,16 +347,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"Override '{item}': '{part}' is not a section")
-            node = child
-        node[parts[-1]] = value
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ConfigError(f"Override '{item}': '{part}' is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                    break
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{item}': '{parts[depth - 1]}' is not a section")
+            if last:
+                node[part] = value
+                break
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
     return data
 
 
