@@ -12,6 +12,7 @@ from .emoji import load_emoji_captions
 from .hf import load_hf_dataset
 from .llava import load_llava_json
 from .samples import SampleDataset
+from .table import load_image_table
 
 DATASETS: Registry = Registry("dataset")
 
@@ -23,6 +24,8 @@ DATASETS.register("llava", offline=True, embedded=False,
                   description="Your own conversations in LLaVA JSON/JSONL with an image folder")(load_llava_json)
 DATASETS.register("captions", offline=True, embedded=False,
                   description="Your own images with captions.csv or captions.jsonl")(load_captions)
+DATASETS.register("image-table", offline=True, embedded=False,
+                  description="Your own images with a CSV of image,question,answer rows")(load_image_table)
 DATASETS.register("hf", offline=False, embedded=False,
                   description="A Hugging Face hub dataset or a save_to_disk folder (needs `datasets`)")(load_hf_dataset)
 
