@@ -6,6 +6,10 @@ no model logic of their own (the command line uses them too).
 - `preview_data`: a few samples of a dataset and its bad-row report.
 - `run_rows` / `run_progress` / `curves_figure`: the runs list, one run's live progress, loss/lr/eval curves.
 - `ModelCache`: the model a front end is chatting with or explaining, loaded once.
+- `watch_runs`: start queued background runs as slots free and report their progress until they end.
+- `run_summary` / `evaluate_runs` / `comparison_figure`: several finished runs side by side (accuracy by
+  question type, trainable parameters, time, memory), for the paradigm and integrator comparisons.
+- `export_model`: a run's trained model as one zip file inside its run folder.
 """
 from __future__ import annotations
 
@@ -243,3 +247,131 @@ class ModelCache:
                 self._model.load_seconds = time.time() - started
                 self._key = stamp
             return self._model
+
+
+# ---------------------------------------------------------------- several runs: watch, summarise, compare, export
+# Added for the course notebooks (paradigms and integrators compared, bring your own data): they launch several
+# background runs and compare them, and should not each grow their own scheduling loop or table code.
+
+def watch_runs(registry, run_ids: list[str], parallel: int = 1, timeout: float | None = None, poll: float = 2.0,
+               on_update=None) -> list[dict[str, Any]]:
+    """Start waiting runs ("created") as slots free, at most `parallel` training at once, and pass every run's
+    `run_progress` to `on_update` each `poll` seconds until all have ended, `timeout` seconds pass or the user
+    interrupts (Ctrl-C / the notebook's stop button). The runs train in their own processes either way: watching
+    stops, training does not; call again to go on watching (and starting the rest). One run at a time finishes a
+    set soonest on a small CPU (runs in parallel share its cores and their time budgets are wall-clock)."""
+    from .jobs import ACTIVE
+
+    if parallel < 1:
+        raise ConfigError(f"parallel must be at least 1, got {parallel}")
+    deadline = None if timeout is None else time.time() + timeout
+    progress: list[dict[str, Any]] = []
+    try:
+        while True:
+            rows = [registry.get(run_id) for run_id in run_ids]
+            active = sum(r["status"] in ACTIVE for r in rows)
+            for r in rows:
+                if active >= parallel:
+                    break
+                if r["status"] == "created":
+                    registry.start(r["id"])
+                    active += 1
+            progress = [run_progress(registry, run_id, log_lines=3) for run_id in run_ids]
+            if on_update is not None:
+                on_update(progress)
+            if all(p["status"] not in (*ACTIVE, "created") for p in progress):
+                return progress
+            if deadline is not None and time.time() >= deadline:
+                return progress
+            time.sleep(poll)
+    except KeyboardInterrupt:  # stop watching; the runs go on
+        return progress
+
+
+def run_summary(registry, run_id: str) -> dict[str, Any]:
+    """What a comparison shows about one run, from its registry row and metrics log: wall time from launch to
+    finish (process start and model loading included), training time (first stage to the end), optimizer steps,
+    the largest trainable parameter count of its stages, and the training process's peak memory."""
+    from .training.metrics import read_metrics
+
+    row = registry.get(run_id)
+    config = registry.config(run_id)
+    metrics = read_metrics(registry.run_dir(run_id) / "metrics.jsonl")
+    stages = [m for m in metrics if m["kind"] == "stage"]
+    train = [m for m in metrics if m["kind"] == "train"]
+    ends = [m for m in metrics if m["kind"] == "end"]
+    steps = max([m["step"] for m in metrics if isinstance(m.get("step"), int)] or [0])
+    return {"id": run_id, "name": row["name"], "status": row["status"], "reason": row.get("reason") or "",
+            "paradigm": row["paradigm"], "integrator": config.model.integrator.name, "peft": config.model.peft.method,
+            "text_only": config.text_only, "stages": len(stages), "steps": steps,
+            "trainable_params": max([s.get("trainable_params", 0) for s in stages] or [0]) or None,
+            "wall_s": row["finished"] - row["started"] if row.get("finished") and row.get("started") else None,
+            "train_s": ends[-1]["time"] - stages[0]["time"] if ends and stages else None,
+            "peak_mb": max([m.get("memory_mb") or 0.0 for m in train] or [0.0]) or None}
+
+
+def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_new_tokens: int = 6) -> list[dict]:
+    """Each finished run's saved model asked the same questions (`data`, a SampleDataset): its `run_summary` plus
+    accuracy overall and by question type, total parameters, trainable % and visual tokens per image. A
+    text-only run is asked without the images, as it was trained. Runs that did not complete get no accuracy."""
+    import gc
+
+    import torch
+
+    from .evaluation import evaluate_vqa
+    from .llm import autocast
+    from .model import VisionLanguageModel
+
+    rows = []
+    for run_id in run_ids:
+        summary = run_summary(registry, run_id)
+        model_dir = registry.run_dir(run_id) / "model"
+        if summary["status"] != "completed" or not (model_dir / "config.yaml").is_file():
+            rows.append({**summary, "accuracy": None, "by_type": {}})
+            continue
+        model = VisionLanguageModel.from_pretrained(model_dir)
+        started = time.time()
+        with torch.inference_mode(), autocast(model.device, "auto"):
+            result = evaluate_vqa(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  text_only=summary["text_only"])
+        total = next(r for r in model.parameter_report() if r["component"] == "total")["total"]
+        trainable = summary["trainable_params"] or 0
+        rows.append({**summary, "accuracy": result["accuracy"], "by_type": result["by_type"], "count": result["count"],
+                     "examples": result["examples"], "eval_s": time.time() - started, "total_params": total,
+                     "trainable_pct": 100.0 * trainable / total if total else None,
+                     "visual_tokens": 0 if summary["text_only"] else model.num_visual_tokens})
+        del model
+        gc.collect()
+    return rows
+
+
+def comparison_figure(rows: list[dict], label: str = "name", title: str = "Accuracy by question type"):
+    """Grouped bars: accuracy overall and per question type, one group per question type, one bar per run."""
+    import plotly.graph_objects as go
+
+    types = sorted({t for r in rows for t in r.get("by_type", {})})
+    fig = go.Figure()
+    for r in rows:
+        if r.get("accuracy") is None:
+            continue
+        values = [r["accuracy"]] + [r["by_type"].get(t) for t in types]
+        fig.add_trace(go.Bar(name=str(r[label]), x=["overall", *types], y=values,
+                             text=[f"{100 * v:.0f}%" if v is not None else "" for v in values], textposition="outside"))
+    fig.update_layout(barmode="group", title=title, yaxis={"title": "accuracy", "range": [0, 1.1]}, height=420,
+                      margin={"l": 40, "r": 20, "t": 50, "b": 40}, legend={"orientation": "h"})
+    return fig
+
+
+def export_model(registry, run_id: str) -> Path:
+    """The run's trained model (its `model/` folder: config, trained weights, manifest) as one zip file,
+    written inside the run folder (`export/<run id>-model.zip`) so a run stays self-contained. Unzip it anywhere
+    and `VisionLanguageModel.from_pretrained(folder)` (or `workbench chat --model folder`) loads it."""
+    import shutil
+
+    run_dir = registry.run_dir(run_id)
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.yaml").is_file():
+        raise ConfigError(f"Run {run_id} has no saved model yet (no {model_dir / 'config.yaml'}): wait until it ends")
+    target = run_dir / "export" / f"{run_id}-model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.make_archive(str(target), "zip", root_dir=run_dir, base_dir="model"))
