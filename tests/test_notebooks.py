@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom, headless, on the embedded models (its `parameters` cell can be overridden,
-as papermill does), and committed notebooks carry no outputs."""
+as papermill does), and committed notebooks carry no outputs. Runs the notebooks launch go to a temporary
+runs folder (WORKBENCH_RUNS), never into the repository."""
 from pathlib import Path
 
 import nbformat
@@ -8,7 +9,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 SMALL = {  # small settings for CI, per notebook (appended to its parameters cell)
+    "02_three_training_paradigms.ipynb": "MINUTES = 0.1\nTRAIN_LIMIT = 200\nEVAL_SAMPLES = 8\nPOLL_SECONDS = 1\n",
+    "03_integrators_compared.ipynb": 'INTEGRATORS = ["linear", "llama_adapter"]\nMINUTES = 0.1\nTRAIN_LIMIT = 200\n'
+                                     "EVAL_SAMPLES = 8\nPOLL_SECONDS = 1\n",
     "04_chat_and_attention.ipynb": "RELEVANCY = True\n",
+    "05_bring_your_own_data.ipynb": "MINUTES = 0.1\nPOLL_SECONDS = 1\n",
 }
 
 
@@ -27,8 +32,10 @@ def test_committed_notebooks_carry_no_outputs(path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_top_to_bottom(path, tmp_path):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))  # the kernel (and its runs) inherit it
 
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
