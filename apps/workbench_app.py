@@ -196,7 +196,8 @@ class Workbench:
         table = [[r["id"], r["status"] + (f" ({r['reason']})" if r["reason"] else ""), r["paradigm"],
                   f"{r['encoder']} + {r['integrator']} + {r['llm']}" + (f" + {r['peft']}" if r["peft"] != "none" else ""),
                   "" if r["best_accuracy"] is None else f"{r['best_accuracy']:.3f}",
-                  "" if r["trainable_params"] is None else f"{r['trainable_params']:,}"] for r in rows]
+                  "" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+                  + ("" if r.get("trainable_pct") is None else f" ({r['trainable_pct']:.2f}%)")] for r in rows]
         ids = [r["id"] for r in rows]
         return table, gr.update(choices=ids), gr.update(choices=["default"] + ids)
 

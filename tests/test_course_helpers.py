@@ -186,3 +186,26 @@ def test_export_model_zips_inside_the_run_folder(finished_run, tmp_path):
     assert VisionLanguageModel.from_pretrained(tmp_path / "unzipped" / "model").num_visual_tokens > 0
     with pytest.raises(ConfigError, match="no saved model"):
         frontend.export_model(registry, pending)
+
+
+def test_runs_list_reports_trainable_share(finished_run):
+    registry, run_id, pending, _ = finished_run
+    row = next(r for r in frontend.run_rows(registry) if r["id"] == run_id)
+    assert row["trainable_params"] > 0 and 0 < row["trainable_pct"] < 100
+
+
+# ---------------------------------------------------------------- front-end run configs keep the recipe's shape
+
+def test_run_config_scales_learning_rates_and_keeps_given_stages(tiny_config):
+    data = DataSpec(kind="easy-vqa", options={"split": "train"})
+    default = frontend.run_config(copy.deepcopy(tiny_config), data, "two-stage", lr=None, epochs=None)
+    assert [s.lr for s in default.stages] == [1e-3, 2e-4] and default.stages[1].lr_llm == 2e-5
+    faster = frontend.run_config(copy.deepcopy(tiny_config), data, "two-stage", lr=5e-3, max_minutes=4)
+    assert [s.lr for s in faster.stages] == pytest.approx([5e-3, 1e-3])  # instruct keeps its 5x lower rate
+    assert faster.stages[1].lr_llm == 2e-5 and [s.max_minutes for s in faster.stages] == [2, 2]
+    own = [StageSpec(name="align", data=DataSpec(kind="emoji-captions", options={"limit": 20}), lr=1e-3, epochs=2),
+           StageSpec(name="instruct", llm="full", lr=2e-4, epochs=1)]
+    run = frontend.run_config(copy.deepcopy(tiny_config), data, "two-stage", lr=None, epochs=None, stages=own)
+    assert [(s.name, s.data.kind, s.epochs) for s in run.stages] == [
+        ("align", "emoji-captions", 2), ("instruct", "easy-vqa", 1)]
+    assert own[1].data is None  # the caller's stages are not modified

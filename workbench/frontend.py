@@ -89,21 +89,28 @@ def preview_data(kind: str, options: dict | None = None, n: int = 4, seed: int =
             "report": report.as_dict() if report is not None else {}, "summary": report.summary() if report else ""}
 
 
-def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16, lr: float = 1e-3,
-               epochs: float = 1.0, max_minutes: float | None = None, eval_every: int = 0, text_only: bool = False,
-               eval_data=None):
-    """A validated RunConfig from the choices a front end offers: the paradigm's recipe with one learning rate,
-    epochs and time budget (split over its stages) applied to every stage."""
+def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16, lr: float | None = None,
+               epochs: float | None = 1.0, max_minutes: float | None = None, eval_every: int = 0, text_only: bool = False,
+               eval_data=None, stages=None):
+    """A validated RunConfig from the choices a front end offers, applied to the paradigm's recipe (or to
+    `stages`, e.g. an example config's own).
+
+    `lr` is the first stage's integrator learning rate; later stages keep their ratio to it (two-stage's
+    instruct stage runs 5x lower than its alignment stage), and LLM learning rates stay the recipe's. None keeps
+    the recipe's rates, as `epochs=None` keeps its epochs. `max_minutes` is split evenly over the stages.
+    """
     from .config import RunConfig, TrainingSpec
     from .paradigms import resolve_stages
 
     run = RunConfig(name=name or f"{paradigm}-{model.integrator.name}", model=model, paradigm=paradigm, data=data,
-                    eval_data=eval_data, text_only=bool(text_only),
+                    eval_data=eval_data, text_only=bool(text_only), stages=list(stages or []),
                     training=TrainingSpec(batch_size=int(batch_size), eval_every=int(eval_every), eval_samples=128))
     stages = resolve_stages(run)
+    scale = float(lr) / stages[0].lr if lr and stages[0].lr else 1.0
     for s in stages:
-        s.lr = float(lr)
-        s.epochs = float(epochs)
+        s.lr = s.lr * scale
+        if epochs is not None:
+            s.epochs = float(epochs)
         s.max_minutes = float(max_minutes) / len(stages) if max_minutes else None
     run.stages = stages
     return run.validate()
@@ -124,11 +131,14 @@ def run_rows(registry) -> list[dict[str, Any]]:
             parts = (model.encoder.name, model.integrator.name, model.llm.name, model.peft.method)
         except Exception:  # noqa: BLE001 -- a run whose config can no longer be read still lists
             parts = ("?", "?", "?", "?")
-        total = next((s for s in stages if "trainable_params" in s), None)
+        counted = [s for s in stages if "trainable_params" in s]
+        total = max(counted, key=lambda s: s["trainable_params"]) if counted else None  # two-stage: the larger stage
         rows.append({"id": r["id"], "name": r["name"], "status": r["status"], "reason": r.get("reason") or "",
                      "paradigm": r["paradigm"], "encoder": parts[0], "integrator": parts[1], "llm": parts[2],
                      "peft": parts[3], "best_accuracy": max(evals) if evals else None,
                      "trainable_params": total["trainable_params"] if total else None,
+                     "trainable_pct": 100 * total["trainable_params"] / total["total_params"]
+                     if total and total.get("total_params") else None,
                      "created": r["created"]})
     return rows
 

@@ -157,12 +157,14 @@ class Trainer:
         self._log("stage", stage=index, name=stage.name, samples=len(dataset), batches=total_batches,
                   updates=total_updates, trainable=len(trainable),
                   trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                  total_params=sum(p.numel() for p in self.model.parameters()),
                   data_report=getattr(getattr(dataset, "report", None), "as_dict", lambda: {})())
         epoch = position["epoch"] if position else 0
         skip = position["batch"] if position else 0
         done = position.get("stage_batches", 0) if position else 0
         best, patience = -1.0, 0
         window_loss, window_samples, window_start = [], 0, time.perf_counter()
+        norm = torch.tensor(float("nan"))  # until the first optimizer step
         model.train()
         while done < total_batches:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed + 1000 * index + epoch))
@@ -178,6 +180,10 @@ class Trainer:
                                      stage_seconds=time.perf_counter() - stage_start)
                     raise Cancelled()
                 if budget is not None and time.perf_counter() - stage_start >= budget:
+                    if window_loss:  # a short run still gets its curve and peak memory
+                        self._log_window(index, global_step, done, total_batches, epoch + b / max(1, len(batches)),
+                                         window_loss, window_samples, time.perf_counter() - window_start,
+                                         scheduler.get_last_lr()[0], norm)
                     self._log("time_budget", stage=index, step=global_step, minutes=stage.max_minutes)
                     done = total_batches
                     break
@@ -204,13 +210,9 @@ class Trainer:
                     continue
                 global_step += 1
                 if global_step % t.log_every == 0 or done == total_batches:
-                    elapsed = time.perf_counter() - window_start
-                    self._log("train", stage=index, step=global_step, batch=done, batches=total_batches,
-                              epoch=epoch + b / max(1, len(batches)),
-                              loss=sum(window_loss) / len(window_loss) if window_loss else float("nan"),
-                              lr=scheduler.get_last_lr()[0], grad_norm=float(norm),
-                              samples_per_s=window_samples / max(elapsed, 1e-9), memory_mb=peak_memory_mb(),
-                              skipped=sum(self.skipped.values()))
+                    self._log_window(index, global_step, done, total_batches, epoch + b / max(1, len(batches)),
+                                     window_loss, window_samples, time.perf_counter() - window_start,
+                                     scheduler.get_last_lr()[0], norm)
                     window_loss, window_samples, window_start = [], 0, time.perf_counter()
                 if t.eval_every and global_step % t.eval_every == 0 and eval_dataset is not None:
                     score = self._evaluate(eval_dataset, index, global_step)
@@ -235,6 +237,13 @@ class Trainer:
         return global_step, result
 
     # ------------------------------------------------------------------ helpers
+    def _log_window(self, stage, step, done, batches, epoch, losses, samples, elapsed, lr, norm) -> None:
+        """One `train` row for the optimizer steps since the last: mean loss, rate, memory (the curves' points)."""
+        self._log("train", stage=stage, step=step, batch=done, batches=batches, epoch=epoch,
+                  loss=sum(losses) / len(losses) if losses else float("nan"), lr=lr, grad_norm=float(norm),
+                  samples_per_s=samples / max(elapsed, 1e-9), memory_mb=peak_memory_mb(),
+                  skipped=sum(self.skipped.values()))
+
     def _check_memory(self, dataset) -> None:
         """Log the estimate; refuse (with the breakdown) a stage that clearly cannot fit."""
         from .memory import estimate_training_memory
