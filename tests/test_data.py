@@ -331,3 +331,24 @@ def test_hf_save_to_disk_round_trip(tmp_path):
     table.save_to_disk(str(tmp_path / "saved"))
     ds = load_dataset_spec("hf", name_or_path=str(tmp_path / "saved"), caption_column="caption")
     assert len(ds) == 3 and ds[1].meta["caption"] == "red square" and isinstance(ds[0].images[0], Image.Image)
+
+
+def test_hf_local_image_folder_with_questions(tmp_path):
+    """A folder laid out as the hub's imagefolder (images + metadata.jsonl) loads through the real `datasets`
+    code path that hub names take, without any network."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "vqa" / "train"
+    folder.mkdir(parents=True)
+    rows = [("red.png", "red", "What colour is it?", "red"), ("blue.png", "blue", "What colour is it?", "blue")]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for name, colour, question, answer in rows:
+            Image.new("RGB", (8, 8), colour).save(folder / name)
+            f.write(json.dumps({"file_name": name, "question": question, "answer": answer}) + "\n")
+    ds = load_dataset_spec("hf", name_or_path=str(tmp_path / "vqa"), split="train", question_column="question",
+                           answer_column="answer")
+    assert len(ds) == 2 and ds.report.num_skipped == 0
+    assert sorted(s.meta["answer"] for s in ds) == ["blue", "red"]
+    assert all(isinstance(s.images[0], Image.Image) for s in ds)
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        load_dataset_spec("hf", name_or_path=str(tmp_path / "vqa"), split="test", question_column="question",
+                          answer_column="answer")
