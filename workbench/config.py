@@ -41,6 +41,9 @@ class EncoderSpec:
     image_aspect: str = "pad"
     """How non-square images become square: pad (LLaVA-1.5), resize (squash) or crop (center)."""
     trust_remote_code: bool = False
+    weights: str = "pretrained"
+    """pretrained, or random: the architecture with fresh weights (for transformers encoders only its config.json
+    is needed; torchvision and open_clip need nothing)."""
 
 
 @dataclass
@@ -69,6 +72,9 @@ class LLMSpec:
     """Refuse pickle checkpoints unless turned off (safe by default)."""
     chat_template: str | None = None
     """A Jinja chat template overriding the tokenizer's own (or supplying one it lacks)."""
+    weights: str = "pretrained"
+    """pretrained, or random: the architecture from its config.json with fresh weights (sizing a design, GPU
+    throughput benchmarks, tests) — no weight download, only the config and tokenizer."""
 
 
 @dataclass
@@ -100,6 +106,9 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         if self.encoder.image_aspect not in ("pad", "resize", "crop"):
             raise ConfigError(f"encoder.image_aspect must be pad, resize or crop, not '{self.encoder.image_aspect}'")
+        for part, spec in (("encoder", self.encoder), ("llm", self.llm)):
+            if spec.weights not in ("pretrained", "random"):
+                raise ConfigError(f"{part}.weights must be pretrained or random, not '{spec.weights}'")
         if self.llm.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"llm.dtype must be auto, float32, bfloat16 or float16, not '{self.llm.dtype}'")
         if self.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):

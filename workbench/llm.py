@@ -128,7 +128,15 @@ def load_llm(spec: LLMSpec, device: torch.device | None = None):
         model_kw["use_safetensors"] = spec.use_safetensors or None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kw)
+        if spec.weights == "random":  # the architecture only: nothing but config.json is read
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source, **common)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
+                                                     trust_remote_code=spec.trust_remote_code)
+            log.info("LLM %s built with random weights (weights: random)", spec.name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kw)
     except WorkbenchError:
         raise
     except (OSError, ValueError) as e:

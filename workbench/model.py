@@ -129,7 +129,9 @@ class VisionLanguageModel(nn.Module):
             save_model_config(self.config, tmp / "config.yaml")
             files = {}
             for part, module in self._parts().items():
-                trained = part == "integrator" or not getattr(self.config, part).frozen
+                spec = getattr(self.config, part)
+                # random-weight parts are saved too: rebuilding them from config.yaml would draw other weights
+                trained = part == "integrator" or not spec.frozen or getattr(spec, "weights", "") == "random"
                 if trained:
                     save_model(module, str(tmp / f"{part}.safetensors"))
                     files[part] = f"{part}.safetensors"

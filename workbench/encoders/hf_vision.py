@@ -124,10 +124,13 @@ def build_hf_vision(spec: EncoderSpec, name: str, default_model: str | None) -> 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **kwargs)
         vision_config = getattr(config, "vision_config", None) or config  # CLIPConfig → CLIPVisionConfig, …
-        with _quiet_transformers():
-            model, info = AutoModel.from_pretrained(source, config=vision_config, trust_remote_code=trust,
-                                                    use_safetensors=True, dtype=torch.float32,
-                                                    output_loading_info=True, **kwargs)
+        if spec.weights == "random":  # the architecture only: nothing but config.json is read
+            model, info = AutoModel.from_config(vision_config, trust_remote_code=trust), {"missing_keys": []}
+        else:
+            with _quiet_transformers():
+                model, info = AutoModel.from_pretrained(source, config=vision_config, trust_remote_code=trust,
+                                                        use_safetensors=True, dtype=torch.float32,
+                                                        output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"Could not load vision encoder '{source}': {first}") from e

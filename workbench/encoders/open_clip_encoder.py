@@ -195,7 +195,9 @@ def open_clip_encoder(spec: EncoderSpec) -> VisionEncoder:
         raise ConfigError(f"open_clip '{name}' has a ResNet or timm image tower; only ViT towers are supported")
 
     checkpoint, tag_cfg = None, {}
-    if spec.pretrained and Path(spec.pretrained).expanduser().is_file():
+    if spec.weights == "random":
+        pass  # the architecture with fresh weights: no checkpoint, no download
+    elif spec.pretrained and Path(spec.pretrained).expanduser().is_file():
         checkpoint = str(Path(spec.pretrained).expanduser())
     elif spec.pretrained:
         tag_cfg = open_clip.get_pretrained_cfg(name, spec.pretrained)

@@ -68,7 +68,8 @@ def mobilenet_v2(spec: EncoderSpec) -> VisionEncoder:
     from .base import IMAGENET_MEAN, IMAGENET_STD
 
     model = build()
-    _load_weights(model, Path(spec.pretrained) if spec.pretrained else asset_path("mobilenet_v2"))
+    if spec.weights != "random":
+        _load_weights(model, Path(spec.pretrained) if spec.pretrained else asset_path("mobilenet_v2"))
     return CNNEncoder(spec, _truncate(model.features, spec.layer, "mobilenet_v2"), 224, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -98,7 +99,8 @@ def efficientnet_lite0(spec: EncoderSpec) -> VisionEncoder:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
-    _load_weights(net, Path(spec.pretrained) if spec.pretrained else asset_path("efficientnet_lite0"))
+    if spec.weights != "random":
+        _load_weights(net, Path(spec.pretrained) if spec.pretrained else asset_path("efficientnet_lite0"))
     n = len(net._blocks)
     if spec.layer == -1:
         blocks = _LiteFeatures(net, n, head=True)
@@ -121,7 +123,9 @@ def torchvision_any(spec: EncoderSpec) -> VisionEncoder:
     name = spec.model or "resnet18"
     if name not in tvm.list_models(module=tvm):
         raise ConfigError(f"Unknown torchvision model '{name}'. Valid: {', '.join(tvm.list_models(module=tvm))}")
-    if spec.pretrained and Path(spec.pretrained).is_file():
+    if spec.weights == "random":
+        model = tvm.get_model(name)
+    elif spec.pretrained and Path(spec.pretrained).is_file():
         model = tvm.get_model(name)
         _load_weights(model, Path(spec.pretrained))
     elif spec.pretrained:  # a weights enum name such as DEFAULT: downloads, so needs the network
