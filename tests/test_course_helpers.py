@@ -209,3 +209,18 @@ def test_run_config_scales_learning_rates_and_keeps_given_stages(tiny_config):
     assert [(s.name, s.data.kind, s.epochs) for s in run.stages] == [
         ("align", "emoji-captions", 2), ("instruct", "easy-vqa", 1)]
     assert own[1].data is None  # the caller's stages are not modified
+
+
+def test_progress_markdown_names_runs_and_shows_eta_only_while_running():
+    from workbench.notebook import progress_markdown
+
+    table = progress_markdown([
+        {"id": "a", "status": "running", "reason": "", "stage": "adapt", "step": 12, "loss": 0.51234, "fraction": 0.25,
+         "eta_s": 90},
+        {"id": "b", "status": "failed", "reason": "killed", "stage": None, "step": None, "loss": None,
+         "fraction": None, "eta_s": 10}], {"a": "direct"})
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | status") and len(lines) == 4
+    assert lines[2].startswith("| direct | running") and "0.512" in lines[2] and "25%" in lines[2]
+    assert lines[2].split("|")[-2].strip() != "" and lines[3].split("|")[-2].strip() == ""  # ETA only while running
+    assert "failed killed" in lines[3] and lines[3].startswith("| b |")
