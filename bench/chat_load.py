@@ -10,19 +10,17 @@ Run: .venv/bin/python bench/chat_load.py [--quick] [--users N]
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
+from workbench.app_process import running_app  # noqa: E402
 
 IMAGE = C.REPO / "examples" / "images" / "red_circle.png"
 
@@ -47,38 +45,13 @@ def main() -> int:
     args = parser.parse_args()
     users, tokens = (3, 8) if args.quick else (args.users, args.tokens)
     C.setup_environment()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/"
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "WORKBENCH_OFFLINE": "1"}
-        env.pop("WORKBENCH_APP_AUTH", None)
-        server = subprocess.Popen([sys.executable, str(C.REPO / "apps" / "workbench_app.py"), "--port", str(port),
-                                   "--runs", str(Path(tmp) / "runs")], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    if time.time() > deadline or server.poll() is not None:
-                        raise SystemExit("the app did not start")
-                    time.sleep(0.5)
-            ask(url, 2)  # warm-up: loads the model once
-            single, _ = ask(url, tokens)
-            t0 = C.now()
-            with ThreadPoolExecutor(users) as pool:
-                results = list(pool.map(lambda _: ask(url, tokens), range(users)))
-            wall = C.now() - t0
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with tempfile.TemporaryDirectory() as tmp, running_app(Path(tmp) / "runs") as url:  # stopped after the block
+        ask(url, 2)  # warm-up: loads the model once
+        single, _ = ask(url, tokens)
+        t0 = C.now()
+        with ThreadPoolExecutor(users) as pool:
+            results = list(pool.map(lambda _: ask(url, tokens), range(users)))
+        wall = C.now() - t0
     answered = sum(1 for _, text in results if text)
     latencies = [s for s, _ in results]
     headers = ["measure", "value"]

@@ -179,3 +179,14 @@ def test_progress_of_a_run_configured_by_its_paradigm_alone(tmp_path, tiny_confi
     assert frontend.format_eta(p["eta_s"]) != "—"
     rows = frontend.run_rows(registry)
     assert rows[0]["paradigm"] == "two-stage" and rows[0]["integrator"] == "mlp"
+
+
+def test_running_app_reports_an_app_that_dies_at_start(tmp_path, monkeypatch):
+    from workbench import app_process
+
+    broken = tmp_path / "broken_app.py"
+    broken.write_text("import sys\nprint('cannot start: port taken')\nsys.exit(3)\n")
+    monkeypatch.setattr(app_process, "APP", broken)
+    with pytest.raises(RuntimeError, match=r"exit code 3\)[\s\S]*port taken"):
+        with app_process.running_app(tmp_path / "runs", log_path=tmp_path / "app.log", timeout=30):
+            pass

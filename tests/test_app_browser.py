@@ -9,10 +9,6 @@ Needs Chromium (`apt-get install chromium`; .ci/run installs it): skipped with t
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,35 +24,13 @@ pytestmark = [pytest.mark.browser,
 @pytest.fixture()
 def server(tmp_path, tiny_llm_dir):
     """The app as `make run` starts it (its own process, loopback), on a free port with its own runs folder."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "WORKBENCH_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("WORKBENCH_APP_AUTH", None)
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "apps" / "workbench_app.py"), "--port", str(port),
-                             "--runs", str(tmp_path / "runs")], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    import urllib.request
+    from workbench.app_process import running_app
 
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.close()
-                pytest.fail("the app did not start:\n" + (tmp_path / "app.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with running_app(tmp_path / "runs", log_path=tmp_path / "app.log", env={"OMP_NUM_THREADS": "1"}) as url:
+            yield url
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture()
