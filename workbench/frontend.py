@@ -131,16 +131,24 @@ def run_rows(registry) -> list[dict[str, Any]]:
             parts = (model.encoder.name, model.integrator.name, model.llm.name, model.peft.method)
         except Exception:  # noqa: BLE001 -- a run whose config can no longer be read still lists
             parts = ("?", "?", "?", "?")
-        counted = [s for s in stages if "trainable_params" in s]
-        total = max(counted, key=lambda s: s["trainable_params"]) if counted else None  # two-stage: the larger stage
+        trainable, trainable_pct = _trainable(stages)
         rows.append({"id": r["id"], "name": r["name"], "status": r["status"], "reason": r.get("reason") or "",
                      "paradigm": r["paradigm"], "encoder": parts[0], "integrator": parts[1], "llm": parts[2],
                      "peft": parts[3], "best_accuracy": max(evals) if evals else None,
-                     "trainable_params": total["trainable_params"] if total else None,
-                     "trainable_pct": 100 * total["trainable_params"] / total["total_params"]
-                     if total and total.get("total_params") else None,
+                     "trainable_params": trainable, "trainable_pct": trainable_pct,
                      "created": r["created"]})
     return rows
+
+
+def _trainable(stages: list[dict]) -> tuple[int | None, float | None]:
+    """(trainable parameters, % of all) of a run's largest stage, from its `stage` log rows: two-stage runs
+    train the integrator, then the whole LLM, and the larger is what the run costs."""
+    counted = [s for s in stages if s.get("trainable_params")]
+    if not counted:
+        return None, None
+    top = max(counted, key=lambda s: s["trainable_params"])
+    total = top.get("total_params")
+    return top["trainable_params"], 100.0 * top["trainable_params"] / total if total else None
 
 
 def run_progress(registry, run_id: str, log_lines: int = 20) -> dict[str, Any]:
@@ -314,7 +322,7 @@ def run_summary(registry, run_id: str) -> dict[str, Any]:
     return {"id": run_id, "name": row["name"], "status": row["status"], "reason": row.get("reason") or "",
             "paradigm": row["paradigm"], "integrator": config.model.integrator.name, "peft": config.model.peft.method,
             "text_only": config.text_only, "stages": len(stages), "steps": steps,
-            "trainable_params": max([s.get("trainable_params", 0) for s in stages] or [0]) or None,
+            **dict(zip(("trainable_params", "trainable_pct"), _trainable(stages))),
             "wall_s": row["finished"] - row["started"] if row.get("finished") and row.get("started") else None,
             "train_s": ends[-1]["time"] - stages[0]["time"] if ends and stages else None,
             "peak_mb": max([m.get("memory_mb") or 0.0 for m in train] or [0.0]) or None}
@@ -345,10 +353,12 @@ def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_
             result = evaluate_vqa(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   text_only=summary["text_only"])
         total = next(r for r in model.parameter_report() if r["component"] == "total")["total"]
-        trainable = summary["trainable_params"] or 0
+        pct = summary["trainable_pct"]  # runs logged before total_params was: from the saved model's size
+        if pct is None and summary["trainable_params"] and total:
+            pct = 100.0 * summary["trainable_params"] / total
         rows.append({**summary, "accuracy": result["accuracy"], "by_type": result["by_type"], "count": result["count"],
                      "examples": result["examples"], "eval_s": time.time() - started, "total_params": total,
-                     "trainable_pct": 100.0 * trainable / total if total else None,
+                     "trainable_pct": pct,
                      "visual_tokens": 0 if summary["text_only"] else model.num_visual_tokens})
         del model
         gc.collect()

@@ -131,7 +131,7 @@ class VisionLanguageModel(nn.Module):
             for part, module in self._parts().items():
                 spec = getattr(self.config, part)
                 # random-weight parts are saved too: rebuilding them from config.yaml would draw other weights
-                trained = part == "integrator" or not spec.frozen or getattr(spec, "weights", "") == "random"
+                trained = part == "integrator" or not spec.frozen or spec.weights == "random"
                 if trained:
                     save_model(module, str(tmp / f"{part}.safetensors"))
                     files[part] = f"{part}.safetensors"
