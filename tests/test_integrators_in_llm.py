@@ -359,3 +359,37 @@ def test_trainable_fraction_on_a_smollm2_shaped_llm():
     assert counts["lavin_mma"] < 0.02 * llm_params and counts["llama_adapter"] < 0.02 * llm_params
     assert built["gated_xattn"].block_layers == [0, 4, 8, 12, 16, 20, 24, 28]
     assert len(built["lavin_mma"].adapters) == 60 and built["llama_adapter"].adapted_layers == list(range(22, 30))
+
+
+@pytest.mark.parametrize("options", [{"visual_grid": 1}, {"visual_grid": 2, "input_norm": "batch"},
+                                     {"fusion_rank": 8}, {"fusion_rank": 8, "fusion_layers": 1, "visual_grid": 1}])
+def test_llama_adapter_visual_tokens_and_bilinear_fusion(options, tiny_config, example_image, tmp_path):
+    """The image as matchable prompt tokens and the bilinear fusion term: exact at init, image-dependent once
+    trained, text-only rows untouched, cached decoding identical, saved and loaded."""
+    model = build(tiny_config, "llama_adapter", **options).eval()
+    image = model.prepare_batch([QA, TEXT_A], [[example_image], []])
+    assert torch.allclose(logits(model, image), plain_logits(model, image), atol=1e-5)
+    perturb(model.integrator)
+    with_image, plain = logits(model, image), plain_logits(model, image)
+    assert not torch.allclose(with_image[0], plain[0], atol=1e-3)
+    if options.get("fusion_rank"):  # a row without an image gets nothing from the fusion term
+        text_row = model.prepare_batch([TEXT_A], [[]])
+        before = logits(model, text_row)
+        with torch.no_grad():
+            for out in model.integrator.fusion_out:
+                out.weight.zero_()
+        assert torch.allclose(logits(model, text_row), before, atol=1e-6)
+        assert not torch.allclose(logits(model, image)[0], with_image[0], atol=1e-4)
+        perturb(model.integrator)
+    answer = model.generate(Q, [example_image], max_new_tokens=5)
+    assert answer == model.generate(Q, [example_image], max_new_tokens=5, use_cache=False)
+    model.save_pretrained(tmp_path / "m")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "m").eval()
+    assert torch.allclose(logits(again, image), logits(model, image), atol=1e-4)
+
+
+def test_llama_adapter_option_checks(tiny_config):
+    with pytest.raises(ValueError, match="visual_grid"):
+        build(tiny_config, "llama_adapter", visual_grid=9)
+    with pytest.raises(ValueError, match="fusion_layers"):
+        build(tiny_config, "llama_adapter", fusion_rank=4, fusion_layers=5)

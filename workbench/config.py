@@ -259,6 +259,9 @@ class DataSpec:
 
     kind: str = "easy-vqa"
     options: dict[str, Any] = field(default_factory=dict)
+    balance: float = 0.0
+    """Training only: draw answers evenly within each question template, so the question alone stops giving the
+    answer away (0 off, 1 fully balanced; see workbench/data/balance.py)."""
 
 
 @dataclass
@@ -303,6 +306,10 @@ class TrainingSpec:
     """Evaluations without improvement before a stage stops (0: never)."""
     cache_features: bool = True
     """Compute frozen encoder features once and reuse them across epochs, stages and runs."""
+    cache_text_states: bool = True
+    """Keep the hidden states of the LLM's bottom layers when they are frozen and see only text (the image
+    enters above them), so training runs only the layers that learn (see training/text_state_cache.py)."""
+    text_state_cache_mb: float = 2048.0
     save_every: int = 0
     """Steps between checkpoints (0: end of each stage and on cancel)."""
     keep_last: int = 2
@@ -332,6 +339,9 @@ class RunConfig:
             raise ConfigError("training.batch_size and training.grad_accum must be at least 1")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision must be auto, fp32, bf16 or fp16, not '{t.precision}'")
+        for spec in [self.data] + [s.data for s in self.stages or [] if s.data is not None]:
+            if not 0.0 <= spec.balance <= 1.0:
+                raise ConfigError(f"data.balance must be between 0 and 1, not {spec.balance}")
         for s in self.stages or []:
             if s.llm not in ("frozen", "full", "peft"):
                 raise ConfigError(f"stage '{s.name}': llm must be frozen, full or peft, not '{s.llm}'")

@@ -6,6 +6,7 @@ config.yaml, the trained parts as safetensors, a manifest — and references to 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -322,22 +323,25 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ forward (training)
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                image_to_sample: torch.Tensor | None = None, answer_logits_only: bool = False, **llm_kwargs):
+                image_to_sample: torch.Tensor | None = None, answer_logits_only: bool = False, text_states=None,
+                **llm_kwargs):
         """Loss/logits for a padded batch. Give `pixel_values` or precomputed `image_features` (cache).
 
         `answer_logits_only` (training): the LM head runs only at positions that predict an answer token,
         not over the whole sequence. Same loss, and the full-vocabulary projection is ~20% of the
         compute of a small LLM; `logits` then holds only those positions.
+        `text_states` (training): a `TextStateCache` whose bottom frozen layers are skipped (same loss).
         """
         features = image_features
         if features is None and pixel_values is not None:
             features = self.encode_images(pixel_values)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "image_to_sample": image_to_sample}
-        return self.run_llm(batch, features, answer_logits_only=answer_logits_only, **llm_kwargs)[0]
+        return self.run_llm(batch, features, answer_logits_only=answer_logits_only, text_states=text_states,
+                            **llm_kwargs)[0]
 
     def run_llm(self, batch: dict, features: torch.Tensor | None, answer_logits_only: bool = False,
-                embeds_require_grad: bool = False, **llm_kwargs):
+                embeds_require_grad: bool = False, text_states=None, **llm_kwargs):
         """Splice visual tokens into the text and run the LLM (with in-LLM integrators given the features).
 
         Returns (LLM output, the spliced MultimodalInputs): front ends that inspect a pass (attention
@@ -355,10 +359,18 @@ class VisionLanguageModel(nn.Module):
             targets = inputs.labels[:, 1:]
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # positions predicting answers
             llm_kwargs["logits_to_keep"] = keep
+        embeds, layers = inputs.inputs_embeds, contextlib.nullcontext()
+        if text_states is not None:  # start at the cut with the cached states of the frozen text-only layers
+            ids = batch["input_ids"]
+            rows = [r[batch["attention_mask"][b].bool()] for b, r in enumerate(ids)]
+            rows = [r[r != IMAGE_TOKEN_INDEX] for r in rows]
+            embeds = text_states.lookup(self, rows).to(embeds.dtype)
+            layers = text_states.upper_layers()
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
-            out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                           labels=None if keep is not None else inputs.labels, **llm_kwargs)
+            with layers:
+                out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                               labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
             self.integrator.set_visual_context(None, None)
         if keep is not None:

@@ -154,6 +154,7 @@ class Trainer:
         model, optimizer, scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         if self.run.training.cache_features and self.model.encoder.frozen and self.cache is None:
             self.cache = FeatureCache(self.model.encoder)
+        self.text_states = self._text_state_cache(index, dataset)
         self._log("stage", stage=index, name=stage.name, samples=len(dataset), batches=total_batches,
                   updates=total_updates, trainable=len(trainable),
                   trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
@@ -166,8 +167,9 @@ class Trainer:
         window_loss, window_samples, window_start = [], 0, time.perf_counter()
         norm = torch.tensor(float("nan"))  # until the first optimizer step
         model.train()
+        weights = self._balance(stage, dataset)
         while done < total_batches:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed + 1000 * index + epoch))
+            order = _epoch_order(len(dataset), weights, t.seed + 1000 * index + epoch)
             # Every process gets the same number of batches (DDP waits for all of them at each step).
             batches = order[: len(order) - len(order) % world][rank::world].split(t.batch_size)
             for b, idx in enumerate(batches):
@@ -196,7 +198,7 @@ class Trainer:
                 if batch is None:
                     continue
                 with self.accelerator.accumulate(model):
-                    loss = model(**batch, answer_logits_only=True).loss
+                    loss = model(**batch, answer_logits_only=True, text_states=self.text_states).loss
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
                         norm = self.accelerator.clip_grad_norm_(
@@ -230,6 +232,8 @@ class Trainer:
                     self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler,
                                      stage_seconds=time.perf_counter() - stage_start)
             epoch, skip = epoch + 1, 0
+        if self.text_states is not None:
+            self._log("text_state_cache", stage=index, **self.text_states.summary())
         result = {"stage": stage.name, "steps": global_step}
         if eval_dataset is not None:
             result["eval"] = self._evaluate(eval_dataset, index, global_step)
@@ -294,6 +298,54 @@ class Trainer:
             batch["image_to_sample"] = torch.tensor(owners)
         return batch
 
+    def _text_state_cache(self, stage: int, dataset):
+        """A TextStateCache when the bottom LLM layers are frozen and text-only, checked on one batch to give
+        the same loss as the ordinary forward; None (with the reason logged) otherwise."""
+        from .text_state_cache import TextStateCache, frozen_text_layers
+
+        if not self.run.training.cache_text_states:
+            return None
+        cut, why = frozen_text_layers(self.model)
+        if cut == 0:
+            self._log("text_state_cache", stage=stage, cut=0, reason=why)
+            return None
+        cache = TextStateCache(self.model, cut, self.run.training.text_state_cache_mb)
+        batch = None
+        for start in range(0, min(len(dataset), 64), 8):
+            batch = self._batch([dataset[i] for i in range(start, min(len(dataset), start + 8))])
+            if batch is not None:
+                break
+        if batch is None:
+            return cache
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the two passes must be comparable
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                plain = self.model(**batch, answer_logits_only=True).loss.item()
+                cached = self.model(**batch, answer_logits_only=True, text_states=cache).loss.item()
+        finally:
+            self.model.train(was_training)
+        tolerance = 1e-4 if self._precision() == "no" else 2e-2
+        if not abs(plain - cached) <= tolerance * max(1.0, abs(plain)):
+            self._log("text_state_cache", stage=stage, cut=0, reason=f"check failed: loss {plain:.6f} without the "
+                                                                    f"cache, {cached:.6f} with it")
+            return None
+        self._log("text_state_cache", stage=stage, cut=cut, reason=why, check_loss=plain, check_diff=plain - cached)
+        return cache
+
+    def _balance(self, stage: StageSpec, dataset) -> torch.Tensor | None:
+        """Sampling weights when the stage's data asks for answer balancing (logged with what it changes)."""
+        strength = stage.data.balance if stage.data is not None else 0.0
+        if not strength:
+            return None
+        from ..data.balance import balance_report, balance_weights
+
+        samples = [dataset[i] for i in range(len(dataset))]
+        weights = balance_weights(samples, strength, self.model.config.image_token)
+        self._log("balance", stage=stage.name, strength=strength,
+                  **balance_report(samples, weights, self.model.config.image_token))
+        return weights
+
     def _dataset(self, stage: StageSpec):
         if stage.name in self._datasets:
             return self._datasets[stage.name]
@@ -352,6 +404,15 @@ class Trainer:
         row = self.metrics.write(kind, **values)
         if self.on_log is not None:
             self.on_log(row)
+
+
+def _epoch_order(n: int, weights: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """One epoch's sample order: a permutation, or `n` weighted draws with replacement when balancing.
+    Seeded by stage and epoch, so a resumed run replays the same order."""
+    generator = torch.Generator().manual_seed(seed)
+    if weights is None:
+        return torch.randperm(n, generator=generator)
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
 def _budget_schedule(optimizer, warmup_ratio: float, total: int, spent: Callable[[], float]):
