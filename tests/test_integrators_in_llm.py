@@ -362,7 +362,8 @@ def test_trainable_fraction_on_a_smollm2_shaped_llm():
 
 
 @pytest.mark.parametrize("options", [{"visual_grid": 1}, {"visual_grid": 2, "input_norm": "batch"},
-                                     {"fusion_rank": 8}, {"fusion_rank": 8, "fusion_layers": 1, "visual_grid": 1}])
+                                     {"fusion_rank": 8}, {"fusion_rank": 8, "fusion_layers": 1, "visual_grid": 1},
+                                     {"fusion_rank": 8, "fusion": "mlp"}])
 def test_llama_adapter_visual_tokens_and_bilinear_fusion(options, tiny_config, example_image, tmp_path):
     """The image as matchable prompt tokens and the bilinear fusion term: exact at init, image-dependent once
     trained, text-only rows untouched, cached decoding identical, saved and loaded."""

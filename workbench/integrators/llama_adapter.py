@@ -26,7 +26,9 @@
   feature-carrying prompt can only *add* the image to a token; questions that compare a word with the
   image ("is there a red shape?") need the product of the two, which this term offers directly, with a
   linear path to the output from the first step. It depends only on the token and its row's image, so
-  cached decoding sees the same values.
+  cached decoding sees the same values. `fusion: mlp` uses out(GELU(text(h_t) + image(p))) instead, p being the
+  projected feature the prompts carry (trained by the naming questions too): a hidden layer over the sum can
+  pick out conjunctions such as "asks about red, is negated, image is red", which a product cannot.
 - `input_norm`: "layer" (V1) or "batch" (per-channel standardisation over the training images, which
   separates the colours of CNN features that a per-token LayerNorm leaves almost identical).
 - No tokens in the sequence: `num_tokens` is 0 and each `<image>` placeholder is simply removed (the
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import IntegratorContext, input_norm_layer
+from .base import FeatureStandardizer, IntegratorContext, input_norm_layer
 from .llm_layers import HookSet, InLLMIntegrator, apply_rope, llm_shape, marker_token, merge_heads
 
 
@@ -58,7 +60,7 @@ class LLaMAAdapter(InLLMIntegrator):
 
     def __init__(self, context: IntegratorContext, prompt_length: int = 10, num_layers: int = 8,
                  media_marker: bool = False, visual_grid: int = 0, input_norm: bool | str = "layer",
-                 fusion_rank: int = 0, fusion_layers: int | None = None):
+                 fusion_rank: int = 0, fusion_layers: int | None = None, fusion: str = "bilinear"):
         super().__init__(context)
         shape = llm_shape(context, self.registry_name)
         if prompt_length < 1 or num_layers < 1:
@@ -81,9 +83,18 @@ class LLaMAAdapter(InLLMIntegrator):
         if fusion_rank < 0 or (fusion_layers is not None and not 1 <= fusion_layers <= n):
             raise ValueError(f"fusion_rank must be >= 0 and fusion_layers between 1 and the {n} adapted layers")
         self.fusion_slots = list(range(n - (fusion_layers or n), n)) if fusion_rank else []
-        if fusion_rank:
+        if fusion not in ("bilinear", "mlp"):
+            raise ValueError(f"fusion must be bilinear or mlp, got {fusion!r}")
+        self.fusion = fusion
+        if fusion_rank and fusion == "mlp":  # the image side reads the projected feature the prompts carry
+            self.fusion_image = nn.Linear(H, fusion_rank)
+            # per-channel standardisation of the token states: question words and negation live in low-variance
+            # directions that the LLM's few large channels would otherwise drown
+            self.fusion_text_norm = nn.ModuleList(FeatureStandardizer(H) for _ in self.fusion_slots)
+        elif fusion_rank:
             self.fusion_image = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
                                               nn.Linear(context.vision_dim, fusion_rank))
+        if fusion_rank:
             self.fusion_text = nn.ModuleList(nn.Linear(H, fusion_rank, bias=False) for _ in self.fusion_slots)
             self.fusion_out = nn.ModuleList(nn.Linear(fusion_rank, H, bias=False) for _ in self.fusion_slots)
             for out in self.fusion_out:
@@ -140,10 +151,18 @@ class LLaMAAdapter(InLLMIntegrator):
         return self.derived(("visual", batch), build)
 
     def _row_fusion(self, batch: int) -> torch.Tensor | None:
-        """(B, r) tanh of the image side of the bilinear fusion per row (zeros on text-only rows)."""
+        """(B, r) the image side of the fusion per row: tanh(image(v)) for bilinear (zeros on text-only rows);
+        for mlp, image(projected v) with NaN on text-only rows, which the hook turns into no change."""
         def build():
             if not self.has_visual_context:
                 return None
+            if self.fusion == "mlp":
+                visual = self._row_visual(batch)
+                if visual is None:
+                    return None
+                has_image = self.image_rows(batch).new_zeros(batch, dtype=torch.bool)
+                has_image[self.image_rows(batch)] = True
+                return self.fusion_image(visual), has_image
             features = self.features()
             rows = self.image_rows(batch)
             if rows.numel() == 0:
@@ -220,8 +239,13 @@ class LLaMAAdapter(InLLMIntegrator):
                 image = self._row_fusion(B)
                 if image is not None:
                     f = self.fusion_slots.index(slot)
-                    text = torch.tanh(self.fusion_text[f](self.to_modules(hidden)))
-                    delta = delta + self.fusion_out[f](text * image[:, None, :]).to(delta.dtype)
+                    if self.fusion == "mlp":  # GELU(text + image): conjunctions of question words and image
+                        text = self.fusion_text[f](self.fusion_text_norm[f](self.to_modules(hidden)))
+                        image, has_image = image
+                        mixed = nn.functional.gelu(text + image[:, None, :]) * has_image[:, None, None]
+                    else:
+                        mixed = torch.tanh(self.fusion_text[f](self.to_modules(hidden))) * image[:, None, :]
+                    delta = delta + self.fusion_out[f](mixed).to(delta.dtype)
             return output + delta
 
         return hook
