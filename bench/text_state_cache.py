@@ -53,7 +53,7 @@ def samples_per_s(rows: list[dict]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 steps per row")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     steps = 30 if args.quick else args.steps
     C.setup_environment()
