@@ -133,68 +133,55 @@ class LLaMAAdapter(InLLMIntegrator):
         module, seen, q = self.__dict__.get("_queries", {}).pop(layer, (None, None, None))
         return q if module is attn.q_proj and seen is hidden else attn.q_proj(hidden)
 
+    def _per_row(self, per_image: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, ...) the mean over each row's images of a per-image tensor (zeros on text-only rows), and the
+        (B,) mask of the rows that have an image."""
+        rows = self.image_rows(batch)
+        total = per_image.new_zeros(batch, *per_image.shape[1:]).index_add(0, rows, per_image)
+        count = per_image.new_zeros(batch).index_add(0, rows, per_image.new_ones(rows.shape[0]))
+        return total / count.clamp(min=1).view(-1, *[1] * (per_image.dim() - 1)), count > 0
+
+    def _pooled(self) -> torch.Tensor:
+        """(M, D_v) the global feature of each image: its CLS token, or the mean over its tokens."""
+        features = self.features()
+        return features[:, 0] if self.context.has_cls else features.mean(dim=1)
+
+    def _with_images(self, batch: int, build):
+        """`build()` once per LLM call when some row of the batch has an image, else None."""
+        if not self.has_visual_context or self.image_rows(batch).numel() == 0:
+            return None
+        return self.derived((build.__name__, batch), build)
+
     def _row_visual(self, batch: int) -> torch.Tensor | None:
         """(B, H): each row's projected global image feature (zeros on text-only rows), once per LLM call."""
-        def build():
-            if not self.has_visual_context:
-                return None
-            features = self.features()
-            rows = self.image_rows(batch)
-            if rows.numel() == 0:
-                return None
-            pooled = features[:, 0] if self.context.has_cls else features.mean(dim=1)
-            projected = self.visual_proj(pooled)  # (M, H)
-            total = projected.new_zeros(batch, projected.shape[-1]).index_add(0, rows, projected)
-            count = projected.new_zeros(batch).index_add(0, rows, projected.new_ones(rows.shape[0]))
-            return total / count.clamp(min=1)[:, None]
+        def visual():
+            return self._per_row(self.visual_proj(self._pooled()), batch)[0]
 
-        return self.derived(("visual", batch), build)
+        return self._with_images(batch, visual)
 
-    def _row_fusion(self, batch: int) -> torch.Tensor | None:
-        """(B, r) the image side of the fusion per row: tanh(image(v)) for bilinear (zeros on text-only rows);
-        for mlp, image(projected v) with NaN on text-only rows, which the hook turns into no change."""
-        def build():
-            if not self.has_visual_context:
-                return None
+    def _row_fusion(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """((B, r) the image side of the fusion per row, (B,) rows with an image): tanh(image(v)) for bilinear,
+        image(projected v) for mlp; the hook masks text-only rows out."""
+        def fusion():
             if self.fusion == "mlp":
-                visual = self._row_visual(batch)
-                if visual is None:
-                    return None
-                has_image = self.image_rows(batch).new_zeros(batch, dtype=torch.bool)
-                has_image[self.image_rows(batch)] = True
-                return self.fusion_image(visual), has_image
-            features = self.features()
-            rows = self.image_rows(batch)
-            if rows.numel() == 0:
-                return None
-            pooled = features[:, 0] if self.context.has_cls else features.mean(dim=1)
-            image = self.fusion_image(pooled)
-            total = image.new_zeros(batch, image.shape[-1]).index_add(0, rows, image)
-            count = image.new_zeros(batch).index_add(0, rows, image.new_ones(rows.shape[0]))
-            return torch.tanh(total / count.clamp(min=1)[:, None]) * (count > 0)[:, None]
+                return self.fusion_image(self._row_visual(batch)), self._per_row(self._pooled()[:, :1], batch)[1]
+            image, has_image = self._per_row(self.fusion_image(self._pooled()), batch)
+            return torch.tanh(image), has_image
 
-        return self.derived(("fusion", batch), build)
+        return self._with_images(batch, fusion)
 
     def _row_tokens(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, g², H) projected grid cells per row and a (B,) mask of the rows that have an image."""
-        def build():
-            if not self.has_visual_context:
-                return None
+        def tokens():
             features = self.features()
-            rows = self.image_rows(batch)
-            if rows.numel() == 0:
-                return None
             patches = features[:, 1:] if self.context.has_cls else features
             h, w = self.context.grid
             grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
             g = self.visual_grid
             cells = nn.functional.adaptive_avg_pool2d(grid, (g, g)).flatten(2).transpose(1, 2)  # (M, g², D_v)
-            tokens = self.visual_proj(cells) + self.cell_embedding  # (M, g², H)
-            total = tokens.new_zeros(batch, *tokens.shape[1:]).index_add(0, rows, tokens)
-            count = tokens.new_zeros(batch).index_add(0, rows, tokens.new_ones(rows.shape[0]))
-            return total / count.clamp(min=1)[:, None, None], count > 0
+            return self._per_row(self.visual_proj(cells) + self.cell_embedding, batch)  # (M, g², H) → rows
 
-        return self.derived(("tokens", batch), build)
+        return self._with_images(batch, tokens)
 
     def _attention_hook(self, slot: int, layer: int, attn: nn.Module):
         s = self.shape
@@ -239,12 +226,13 @@ class LLaMAAdapter(InLLMIntegrator):
                 image = self._row_fusion(B)
                 if image is not None:
                     f = self.fusion_slots.index(slot)
+                    image, has_image = image
                     if self.fusion == "mlp":  # GELU(text + image): conjunctions of question words and image
                         text = self.fusion_text[f](self.fusion_text_norm[f](self.to_modules(hidden)))
-                        image, has_image = image
-                        mixed = nn.functional.gelu(text + image[:, None, :]) * has_image[:, None, None]
+                        mixed = nn.functional.gelu(text + image[:, None, :])
                     else:
                         mixed = torch.tanh(self.fusion_text[f](self.to_modules(hidden))) * image[:, None, :]
+                    mixed = mixed * has_image[:, None, None]
                     delta = delta + self.fusion_out[f](mixed).to(delta.dtype)
             return output + delta
 
