@@ -173,7 +173,8 @@ class Workbench:
         numbers = " · ".join(f"{k} {v:.4g}" for k, v in (("loss", p["loss"]), ("lr", p["lr"]),
                                                           ("samples/s", p["samples_per_s"]),
                                                           ("memory MB", p["memory_mb"])) if v is not None)
-        text = f"**{run_id}**: {status}\n\n{bar}\n\nstage {p['stage'] or '—'}, step {p['step'] or 0} · {numbers}"
+        text = (f"**{run_id}**: {status}\n\n{bar}\n\nstage {p['stage'] or '—'}, step {p['step'] or 0} · {numbers}"
+                f"\n\nhistory: {frontend.history_text(p['history'])}")
         evals = [[e["step"], round(e["accuracy"], 4), json.dumps(e["by_type"])] for e in p["evals"]]
         curves = frontend.curves_figure({run_id: self.registry.run_dir(run_id)})
         return text, curves, evals, p["log"]

@@ -38,7 +38,7 @@ def fresh_home(tmp: Path, share_features: Path | None = None) -> dict:
 
 
 def with_budget(config: dict, minutes: float | None, *, text_only: bool = False,
-                checkpoint_minutes: float | None = None, steps_per_minute: float = 25.0) -> dict:
+                checkpoint_minutes: float | None = None) -> dict:
     """The config with every stage's time budget scaled so the whole run takes `minutes` of training."""
     from workbench.config import RunConfig, from_dict, to_dict
     from workbench.paradigms import resolve_stages
@@ -56,7 +56,7 @@ def with_budget(config: dict, minutes: float | None, *, text_only: bool = False,
     run.eval_data = None  # evaluation happens afterwards, outside the training budget
     run.training.eval_every = 0
     if checkpoint_minutes:
-        run.training.save_every = max(1, int(checkpoint_minutes * steps_per_minute))
+        run.training.save_every, run.training.save_every_minutes = 0, checkpoint_minutes
         run.training.keep_last = 1000
     if text_only:
         run.name = (run.name or "run") + "-text-only"

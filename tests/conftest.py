@@ -93,3 +93,26 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def example_image() -> Path:
     return EXAMPLE_IMAGE
+
+
+def image_beside(folder: Path, source: Path = EXAMPLE_IMAGE) -> str:
+    """Copy an image into a dataset's folder and return its relative name: data files may only name images
+    inside their own folder."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / source.name)
+    return source.name
+
+
+@pytest.fixture()
+def llava_data(tmp_path) -> Path:
+    """Eight LLaVA rows about the example image (copied beside the JSON), all answered "red"."""
+    import json
+
+    rows = [{"id": str(i), "image": image_beside(tmp_path),
+             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                               {"from": "gpt", "value": "red"}]} for i in range(8)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path

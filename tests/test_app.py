@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from conftest import image_beside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_data_preview_shows_samples_and_counts(wb):
 
 
 def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_path):
-    rows = [{"id": str(i), "image": str(example_image),
+    rows = [{"id": str(i), "image": image_beside(tmp_path),
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(8)]
     data = tmp_path / "data.json"

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import image_beside
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -84,7 +85,7 @@ def tab(page, name):
 
 
 def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, example_image, tmp_path):
-    rows = [{"id": str(i), "image": str(example_image),
+    rows = [{"id": str(i), "image": image_beside(tmp_path),
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(8)]
     data = tmp_path / "data.json"

@@ -3,6 +3,7 @@ import pytest
 
 from workbench.cli import main
 from workbench.config import save_model_config
+from conftest import image_beside
 
 
 @pytest.fixture()
@@ -60,7 +61,7 @@ def test_train_runs_and_eval_from_the_command_line(tiny_config, example_image, t
 
     from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec, save_run_config
 
-    rows = [{"id": str(i), "image": str(example_image),
+    rows = [{"id": str(i), "image": image_beside(tmp_path),
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(4)]
     data = tmp_path / "data.json"

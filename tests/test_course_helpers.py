@@ -14,6 +14,7 @@ from workbench.data.llava import load_llava_json
 from workbench.data.loaders import load_dataset_spec
 from workbench.data.table import CAPTION_PROMPT, load_image_table, table_to_llava
 from workbench.errors import ConfigError
+from conftest import image_beside
 
 REPO = Path(__file__).resolve().parents[1]
 FARM = REPO / "examples" / "data" / "toy_farm"
@@ -146,7 +147,7 @@ def test_watch_runs_parallel_timeout_and_interrupt(fake_progress):
 def finished_run(tiny_config, example_image, tmp_path):
     from workbench.jobs import RunRegistry
 
-    rows = [{"id": str(i), "image": str(example_image), "meta": {"question_type": "colour"},
+    rows = [{"id": str(i), "image": image_beside(tmp_path), "meta": {"question_type": "colour"},
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(4)]
     (tmp_path / "data.json").write_text(json.dumps(rows))

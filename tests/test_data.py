@@ -352,3 +352,32 @@ def test_hf_local_image_folder_with_questions(tmp_path):
     with pytest.raises(ConfigError, match="no split 'test'"):
         load_dataset_spec("hf", name_or_path=str(tmp_path / "vqa"), split="test", question_column="question",
                           answer_column="answer")
+
+
+def test_image_paths_stay_inside_the_dataset_folder(tmp_path):
+    """A data file cannot make the workbench open files elsewhere on the machine: `..`, absolute paths and
+    symlinks that point out are skipped and counted, unless the loader is told to allow absolute paths."""
+    from workbench.data.captions import load_captions
+    from workbench.data.samples import OUTSIDE_FOLDER
+    from workbench.data.table import load_image_table
+
+    outside = tmp_path / "secret.png"
+    _png(outside)
+    data = tmp_path / "data"
+    _png(data / "ok.png")
+    (data / "link.png").symlink_to(outside)
+    names = ["ok.png", "../secret.png", "../../../../etc/passwd", str(outside), "link.png", "sub/../ok.png"]
+    rows = [{"id": str(i), "image": n, "conversations": _turns("<image>\nwhat color?", "red")}
+            for i, n in enumerate(names)]
+    (data / "data.json").write_text(json.dumps(rows))
+    ds = load_llava_json(data / "data.json")
+    assert [s.meta["id"] for s in ds] == ["0", "5"]
+    assert ds.report.skipped == {OUTSIDE_FOLDER: 4}
+    opened = load_llava_json(data / "data.json", allow_absolute_paths=True)
+    assert str(outside) in [im for s in opened for im in s.images]  # the explicit opt-out reads it
+
+    (data / "captions.csv").write_text("image,caption\n" + "".join(f"{n},a red shape\n" for n in names))
+    assert load_captions(data).report.skipped == {OUTSIDE_FOLDER: 4}
+    (data / "table.csv").write_text("image,question,answer\n" + "".join(f"{n},what color?,red\n" for n in names))
+    table = load_image_table(data / "table.csv")
+    assert len(table) == 2 and table.report.skipped == {OUTSIDE_FOLDER: 4}

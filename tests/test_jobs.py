@@ -13,16 +13,6 @@ from workbench.jobs import RunRegistry
 from workbench.training.checkpoint import latest_checkpoint
 
 
-@pytest.fixture()
-def llava_data(tmp_path, example_image):
-    rows = [{"id": str(i), "image": str(example_image),
-             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
-                               {"from": "gpt", "value": "red"}]} for i in range(8)]
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(rows))
-    return path
-
-
 def _config(tiny_config, data, epochs=1.0, **training):
     settings = dict(batch_size=2, log_every=1, warmup_ratio=0.0, cache_features=False)
     settings.update(training)
@@ -103,7 +93,7 @@ def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp
     Image.effect_noise((64, 64), 50).convert("RGB").save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
     rows = json.loads(llava_data.read_text())
-    rows += [{**rows[0], "id": f"bad{i}", "image": str(truncated)} for i in range(8)]
+    rows += [{**rows[0], "id": f"bad{i}", "image": truncated.name} for i in range(8)]
     llava_data.write_text(json.dumps(rows))
 
     from workbench.config import save_run_config

@@ -190,8 +190,8 @@ def test_a_time_budget_stops_the_stage_and_anneals_the_learning_rate(tiny_config
 
     clock = {"now": 1000.0}
 
-    def fake_clock():  # each call advances 1 s: the 3-second budget runs out after a few batches
-        clock["now"] += 1.0
+    def fake_clock():  # each call advances 0.4 s: the 6-second budget runs out after a few batches
+        clock["now"] += 0.4
         return clock["now"]
 
     monkeypatch.setattr(trainer_module.time, "perf_counter", fake_clock)

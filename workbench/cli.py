@@ -212,6 +212,9 @@ def cmd_runs(args) -> int:
     if args.action == "show":
         row = registry.get(args.run)
         print(json.dumps({k: v for k, v in row.items() if k != "config"}, indent=2, default=str))
+        from .frontend import history_text
+
+        print("history: " + history_text(registry.history(args.run)))
         last = read_metrics(registry.run_dir(args.run) / "metrics.jsonl")
         for r in [r for r in last if r["kind"] in ("train", "eval")][-3:]:
             print(json.dumps(r, default=str))
@@ -440,12 +443,19 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the ^C line; nothing else
         return 130
+    except BrokenPipeError:  # `workbench runs show RUN | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 141
 
 
 if __name__ == "__main__":

@@ -311,7 +311,10 @@ class TrainingSpec:
     enters above them), so training runs only the layers that learn (see training/text_state_cache.py)."""
     text_state_cache_mb: float = 2048.0
     save_every: int = 0
-    """Steps between checkpoints (0: end of each stage and on cancel)."""
+    """Steps between checkpoints (0: by time only; there is always one at the end of each stage and on cancel)."""
+    save_every_minutes: float = 5.0
+    """Minutes between checkpoints, so a run that is killed (out of memory, a reboot) loses at most this much
+    (0: by steps only)."""
     keep_last: int = 2
     num_workers: int = 0
     log_every: int = 10

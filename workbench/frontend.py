@@ -179,7 +179,12 @@ def run_progress(registry, run_id: str, log_lines: int = 20) -> dict[str, Any]:
             "eta_s": eta, "loss": last.get("loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
             "memory_mb": last.get("memory_mb"), "evals": [{k: e.get(k) for k in ("step", "accuracy", "by_type")}
                                                           for e in evals],
-            "log": registry.log_tail(run_id, lines=log_lines)}
+            "log": registry.log_tail(run_id, lines=log_lines), "history": registry.history(run_id)}
+
+
+def history_text(history: list[dict]) -> str:
+    """A run's states in order, for people: `created → running → died (killed by SIGKILL…) → queued (resumed)`."""
+    return " → ".join(h["status"] + (f" ({h['reason']})" if h["reason"] else "") for h in history)
 
 
 def format_eta(seconds: float | None) -> str:

@@ -30,7 +30,8 @@ LOG_FILE = "log.txt"
 ACTIVE = ("queued", "running", "cancelling")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, name TEXT, paradigm TEXT, status TEXT, pid INTEGER, pid_started REAL,
-    created REAL, started REAL, finished REAL, exit_code INTEGER, reason TEXT, config TEXT)"""
+    created REAL, started REAL, finished REAL, exit_code INTEGER, reason TEXT, config TEXT);
+CREATE TABLE IF NOT EXISTS history (run_id TEXT, time REAL, status TEXT, reason TEXT)"""
 
 
 def default_runs_dir() -> Path:
@@ -44,7 +45,7 @@ class RunRegistry:
         self.db = self.root / "runs.sqlite"
         self._children: dict[str, subprocess.Popen] = {}
         with closing(self._connect()) as con, con:
-            con.execute(_SCHEMA)
+            con.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.db, timeout=30)
@@ -52,13 +53,25 @@ class RunRegistry:
         return con
 
     def _update(self, run_id: str, **values) -> None:
+        """Change a run's row; a change of status is also appended to the run's history."""
         cols = ", ".join(f"{k} = ?" for k in values)
         with closing(self._connect()) as con, con:
             con.execute(f"UPDATE runs SET {cols} WHERE id = ?", (*values.values(), run_id))
+            if "status" in values:
+                _record(con, run_id, values["status"], values.get("reason"))
+
+    def history(self, run_id: str) -> list[dict]:
+        """Every state the run went through, oldest first: created → running → died → queued → … → completed."""
+        with closing(self._connect()) as con:
+            return [dict(r) for r in con.execute("SELECT time, status, reason FROM history WHERE run_id = ? "
+                                                 "ORDER BY rowid", (run_id,))]
 
     # ------------------------------------------------------------------ create / start
     def create(self, config: RunConfig) -> str:
-        config.validate()
+        """Register a new run (status 'created') after checking it can start: a bad config leaves nothing behind."""
+        from .preflight import check_run
+
+        check_run(config)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name).strip("-") or "run"
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
         while (self.root / run_id).exists():
@@ -69,6 +82,7 @@ class RunRegistry:
         with closing(self._connect()) as con, con:
             con.execute("INSERT INTO runs (id, name, paradigm, status, created, config) VALUES (?, ?, ?, ?, ?, ?)",
                         (run_id, config.name, config.paradigm, "created", time.time(), json.dumps(to_dict(config))))
+            _record(con, run_id, "created", None)
         return run_id
 
     def start(self, run_id: str, resume: bool = False) -> int:
@@ -88,7 +102,7 @@ class RunRegistry:
         log.close()
         self._children[run_id] = proc
         self._update(run_id, status="queued", pid=proc.pid, pid_started=_create_time(proc.pid), started=time.time(),
-                     finished=None, exit_code=None, reason=None)
+                     finished=None, exit_code=None, reason="resumed" if resume else None)
         return proc.pid
 
     def attach_current_process(self, run_id: str) -> None:
@@ -166,6 +180,7 @@ class RunRegistry:
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
         with closing(self._connect()) as con, con:
             con.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+            con.execute("DELETE FROM history WHERE run_id = ?", (run_id,))
 
     def wait(self, run_id: str, timeout: float = 600, poll: float = 0.5) -> dict:
         deadline = time.time() + timeout
@@ -179,6 +194,15 @@ class RunRegistry:
     # ------------------------------------------------------------------ called by the worker
     def mark(self, run_id: str, status: str, **values) -> None:
         self._update(run_id, status=status, **values)
+
+
+def _record(con: sqlite3.Connection, run_id: str, status: str, reason: str | None) -> None:
+    """Append a state to the run's history unless it repeats the last one."""
+    last = con.execute("SELECT status, reason FROM history WHERE run_id = ? ORDER BY rowid DESC LIMIT 1",
+                       (run_id,)).fetchone()
+    if last is None or (last[0], last[1]) != (status, reason):
+        con.execute("INSERT INTO history (run_id, time, status, reason) VALUES (?, ?, ?, ?)",
+                    (run_id, time.time(), status, reason))
 
 
 def _create_time(pid: int) -> float | None:

@@ -15,6 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .errors import WorkbenchError
+
 
 @contextlib.contextmanager
 def gpu_slot(root: Path, needs_gpu: bool):
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
         return finish("cancelled", 130, "interrupted")
     except _Terminated:
         return finish("cancelled", 143, "terminated before training could checkpoint")
+    except WorkbenchError as e:  # a problem the user can fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return finish("failed", 1, str(e).splitlines()[0][:300])
     except Exception as e:  # anything else: record why, then fail
         traceback.print_exc()
         return finish("failed", 1, f"{type(e).__name__}: {e}".splitlines()[0][:300])

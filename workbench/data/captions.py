@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import ConfigError
-from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset, vqa_sample
+from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset, image_path_inside, vqa_sample
 
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
@@ -58,8 +58,9 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def load_captions(folder_or_file: str | Path, on_error: str = "skip", prompts: Sequence[str] | None = None,
-                  seed: int = 0) -> SampleDataset:
-    """Caption pairs from a folder holding captions.csv/.jsonl or from the file; images relative to it."""
+                  seed: int = 0, allow_absolute_paths: bool = False) -> SampleDataset:
+    """Caption pairs from a folder holding captions.csv/.jsonl or from the file; images relative to it and
+    inside its folder unless `allow_absolute_paths` is set."""
     path = _find_file(folder_or_file)
     prompts = list(CAPTION_PROMPTS if prompts is None else prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -75,7 +76,7 @@ def load_captions(folder_or_file: str | Path, on_error: str = "skip", prompts: S
         if not isinstance(image, str) or not image.strip() or not isinstance(caption, (str, type(None))):
             raise BadRow(MALFORMED, "image must be a path and caption text")
         caption = (caption or "").strip()
-        return vqa_sample(prompt, caption, [str(path.parent / image.strip())],
+        return vqa_sample(prompt, caption, [image_path_inside(path.parent, image.strip(), allow_absolute_paths)],
                           {"id": row.get("id", row_id), "row": int(row_id), "caption": caption, "answer": caption,
                            "prompt": prompt, "source": str(path)})
 

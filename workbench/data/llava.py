@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import ConfigError
 from .prompting import normalize_messages
-from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset
+from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset, image_path_inside
 
 _TO_LLAVA = {"user": "human", "assistant": "gpt", "system": "system"}
 
@@ -63,8 +63,9 @@ def _row_id(row: Any, index: int) -> str:
 
 
 def load_llava_json(json_path: str | Path, image_folder: str | Path | None = None,
-                    on_error: str = "skip") -> SampleDataset:
-    """Load LLaVA-format rows; bad rows are skipped and counted, or raise with on_error="raise"."""
+                    on_error: str = "skip", allow_absolute_paths: bool = False) -> SampleDataset:
+    """Load LLaVA-format rows; bad rows are skipped and counted, or raise with on_error="raise". Image paths
+    must stay inside `image_folder` unless `allow_absolute_paths` is set."""
     path = Path(json_path)
     if not path.is_file():
         raise ConfigError(f"LLaVA data file not found: {path}")
@@ -92,7 +93,7 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
         meta.update({"id": row.get("id", index), "row": index, "source": str(path)})
         if answers:
             meta.setdefault("answer", answers[-1])
-        return Sample(messages, [str(folder / n) for n in names], meta)
+        return Sample(messages, [image_path_inside(folder, n, allow_absolute_paths) for n in names], meta)
 
     rows = ((row_id, (i, row)) for i, (row_id, row) in enumerate(_read_rows(path)))
     return build_dataset(f"llava {path.name}", rows, to_sample, on_error=on_error)

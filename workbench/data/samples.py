@@ -35,6 +35,7 @@ PLACEHOLDER_MISMATCH = "placeholder mismatch"
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 IMAGE_TOO_LARGE = "image too large"
+OUTSIDE_FOLDER = "outside the dataset folder"
 
 
 @dataclass
@@ -46,6 +47,19 @@ class Sample:
     """Paths or PIL images, in placeholder order; pixels are decoded at batch time."""
     meta: dict[str, Any] = field(default_factory=dict)
     """id, answer, question_type, source row… for evaluation and error messages."""
+
+
+def image_path_inside(folder: str | Path, name: str, allow_absolute_paths: bool = False) -> str:
+    """`name` resolved against the dataset's image folder; a path that leaves it (`..`, an absolute path, a
+    symlink pointing out) is a bad row, so a data file cannot make the workbench read other files of the
+    machine. `allow_absolute_paths` is the loaders' explicit opt-out for data that lists files elsewhere."""
+    if allow_absolute_paths:
+        return str(Path(folder) / name)
+    root = Path(folder).resolve()
+    target = (root / name).resolve()  # follows symlinks, so a link inside the folder that points out is caught
+    if Path(name).is_absolute() or not target.is_relative_to(root):
+        raise BadRow(OUTSIDE_FOLDER, f"{name} (allow_absolute_paths: true lets a loader read it)")
+    return str(target)
 
 
 @dataclass

@@ -21,15 +21,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from .llava import save_llava_json
-from .samples import EMPTY_ANSWER, MALFORMED, BadRow, DataReport, Sample, SampleDataset, build_dataset, vqa_sample
+from .samples import (EMPTY_ANSWER, MALFORMED, BadRow, DataReport, Sample, SampleDataset, build_dataset,
+                      image_path_inside, vqa_sample)
 
 CAPTION_PROMPT = "Describe the image briefly."
 REQUIRED = ("image", "answer")
 
 
 def load_image_table(csv_path: str | Path, split: str | None = None, on_error: str = "skip",
-                     caption_prompt: str = CAPTION_PROMPT) -> SampleDataset:
-    """Samples from an image,question,answer CSV (images relative to it); only rows of `split` when given."""
+                     caption_prompt: str = CAPTION_PROMPT, allow_absolute_paths: bool = False) -> SampleDataset:
+    """Samples from an image,question,answer CSV (images relative to it, inside its folder unless
+    `allow_absolute_paths` is set); only rows of `split` when given."""
     path = Path(csv_path)
     if not path.is_file():
         raise ConfigError(f"CSV file not found: {path}")
@@ -58,7 +60,7 @@ def load_image_table(csv_path: str | Path, split: str | None = None, on_error: s
         meta = {k: v.strip() for k, v in row.items() if k not in ("image", "question", "answer") and v and v.strip()}
         meta.setdefault("id", f"line{line}")
         meta.update({"row": line, "answer": answer, "source": str(path)})
-        return vqa_sample(question, answer, [str(path.parent / image)], meta)
+        return vqa_sample(question, answer, [image_path_inside(path.parent, image, allow_absolute_paths)], meta)
 
     rows = ((f"line {line}", (line, row)) for line, row in raw
             if split is None or (row.get("split") or "").strip() == split)

@@ -18,6 +18,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, info: dict, keep
     """Write checkpoints/step-N atomically; `info` holds stage, epoch, batch position and trainable names."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for partial in root.glob(".ckpt-*"):  # left by a process killed mid-write; one writer per run, so not ours
+        shutil.rmtree(partial, ignore_errors=True)
     final = root / f"stage{info['stage']}-step{info['global_step']:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=root))
     try:

@@ -49,6 +49,7 @@ class Trainer:
         self.skipped: Counter = Counter()
         self.cache: FeatureCache | None = None
         self._cancel = False
+        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ public
     def train(self, resume: bool = False) -> dict:
@@ -70,11 +71,17 @@ class Trainer:
             self.model.load_trained_parts(ckpt / "model")
             start = info
             self._log("resume", checkpoint=ckpt.name, stage=info["stage"], step=info["global_step"])
-        elif resume:
-            raise ConfigError(f"No checkpoint to resume from in {self.dir}")
+        elif resume:  # killed before its first checkpoint: nothing to lose by starting again
+            self._log("resume", checkpoint=None, stage=0, step=0,
+                      message="no checkpoint was written before the run stopped: starting it from the beginning")
+        from accelerate.utils import DistributedDataParallelKwargs
+
         precision = self._precision()
+        # Which parameters a step uses depends on the batch (rows without images skip the integrator; a text-only
+        # run never calls it), so DDP must look for unused ones instead of waiting for their gradients.
         self.accelerator = Accelerator(gradient_accumulation_steps=self.run.training.grad_accum,
-                                       mixed_precision=precision, cpu=self.model.device.type == "cpu")
+                                       mixed_precision=precision, cpu=self.model.device.type == "cpu",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         previous = signal.signal(signal.SIGTERM, self._request_cancel) if _main_thread() else None
         result: dict = {"status": "completed"}
         try:
@@ -89,12 +96,16 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 self.model.save_pretrained(self.dir / "model")
+            self.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
             result["model_dir"] = str(self.dir / "model")
         except Cancelled:
             result["status"] = "cancelled"
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            # A process that exits with its process group alive can abort in the group's teardown (gloo's
+            # threads), and the launcher then kills the others: leave the group explicitly.
+            self.accelerator.end_training()
         result["skipped"] = dict(self.skipped)
         self._log("end", **result)
         return result
@@ -140,18 +151,21 @@ class Trainer:
         optimizer = self._optimizer(stage)
         budget = stage.max_minutes * 60 if stage.max_minutes else None
         stage_start = time.perf_counter() - (position.get("stage_seconds", 0.0) if position else 0.0)
+        self._stage_seconds = time.perf_counter() - stage_start  # the stage's clock, agreed by every process
         warmup = int(t.warmup_ratio * total_updates)
         if budget is None:
             scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_updates)
         else:
             scheduler = _budget_schedule(optimizer, t.warmup_ratio, total_updates,
-                                         lambda: (time.perf_counter() - stage_start) / budget)
+                                         lambda: self._stage_seconds / budget)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng(state)
         self._check_memory(dataset)
-        model, optimizer, scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        # The scheduler is stepped here once per optimizer update, not prepared: accelerate's wrapper steps it once
+        # per process, which would run the schedule `world` times too fast (the update count is per process).
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)
         if self.run.training.cache_features and self.model.encoder.frozen and self.cache is None:
             self.cache = FeatureCache(self.model.encoder)
         self.text_states = self._text_state_cache(index, dataset)
@@ -177,11 +191,17 @@ class Trainer:
                     continue
                 if done >= total_batches:
                     break
-                if self._cancel or (self.dir / CANCEL_FILE).exists():
+                batch = self._batch([dataset[i] for i in idx.tolist()])
+                # Every process takes the same decision, or one leaves the loop while another waits in an
+                # all-reduce: stop if any was asked to, skip the step if any has nothing usable.
+                cancel, self._stage_seconds, unusable = self._agree(
+                    self._cancel or (self.dir / CANCEL_FILE).exists(), time.perf_counter() - stage_start,
+                    batch is None)
+                if cancel:
                     self._checkpoint(index, global_step, epoch, b, done, trainable, optimizer, scheduler,
                                      stage_seconds=time.perf_counter() - stage_start)
                     raise Cancelled()
-                if budget is not None and time.perf_counter() - stage_start >= budget:
+                if budget is not None and self._stage_seconds >= budget:
                     if window_loss:  # a short run still gets its curve and peak memory
                         self._log_window(index, global_step, done, total_batches, epoch + b / max(1, len(batches)),
                                          window_loss, window_samples, time.perf_counter() - window_start,
@@ -189,13 +209,8 @@ class Trainer:
                     self._log("time_budget", stage=index, step=global_step, minutes=stage.max_minutes)
                     done = total_batches
                     break
-                batch = self._batch([dataset[i] for i in idx.tolist()])
                 done += 1
-                if world > 1:  # all processes step together or skip together, or DDP's all-reduce would hang
-                    ready = torch.tensor([0 if batch is None else 1], device=self.accelerator.device)
-                    if self.accelerator.reduce(ready, reduction="sum").item() < world:
-                        batch = None
-                if batch is None:
+                if unusable:
                     continue
                 with self.accelerator.accumulate(model):
                     loss = model(**batch, answer_logits_only=True, text_states=self.text_states).loss
@@ -204,7 +219,8 @@ class Trainer:
                         norm = self.accelerator.clip_grad_norm_(
                             [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad()
                 window_loss.append(loss.item())
                 window_samples += batch["input_ids"].shape[0]
@@ -224,11 +240,12 @@ class Trainer:
                             self.model.save_pretrained(self.dir / "best")
                     else:
                         patience += 1
-                        if t.early_stopping_patience and patience >= t.early_stopping_patience:
-                            self._log("early_stop", stage=index, step=global_step, best=best)
-                            done = total_batches
-                            break
-                if t.save_every and global_step % t.save_every == 0:
+                    (stop,) = self._agree(bool(t.early_stopping_patience) and patience >= t.early_stopping_patience)
+                    if stop:
+                        self._log("early_stop", stage=index, step=global_step, best=best)
+                        done = total_batches
+                        break
+                if self._checkpoint_due(global_step):
                     self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler,
                                      stage_seconds=time.perf_counter() - stage_start)
             epoch, skip = epoch + 1, 0
@@ -375,8 +392,25 @@ class Trainer:
                   count=result["count"], examples=result["examples"][:3])
         return result["accuracy"]
 
+    def _agree(self, *values: float) -> tuple[float, ...]:
+        """The largest of each value over all processes (one small all-reduce): a flag is set everywhere when
+        it is set anywhere, and the stage clock is the slowest process's, so budgets and schedules agree."""
+        if self.accelerator.num_processes == 1:
+            return tuple(values)
+        votes = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        return tuple(votes.tolist())
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every `save_every` steps and every `save_every_minutes`, whichever comes first."""
+        t = self.run.training
+        by_steps = bool(t.save_every) and step % t.save_every == 0
+        by_time = bool(t.save_every_minutes) and time.monotonic() - self._last_save >= 60 * t.save_every_minutes
+        return by_steps or by_time
+
     def _checkpoint(self, stage, step, epoch, batch, done, trainable, optimizer, scheduler, stage_done=False,
                     stage_seconds: float = 0.0):
+        self._last_save = time.monotonic()
         if not self.accelerator.is_main_process:
             return
         info = {"stage": stage, "global_step": step, "epoch": epoch, "batch": batch, "stage_batches": done,
