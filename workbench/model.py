@@ -240,7 +240,7 @@ class VisionLanguageModel(nn.Module):
                 llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif getattr(llm, "is_gradient_checkpointing", False):
+        elif is_checkpointing(llm):
             (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
         self.gradient_checkpointing = enable
         return self.train(self.training)
@@ -510,6 +510,11 @@ def _checkpointed_layers_train(llm: nn.Module) -> None:
     for module in llm.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module.training = True
+
+
+def is_checkpointing(llm: nn.Module) -> bool:
+    """Whether the LLM's layers recompute their activations in the backward pass."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base_llm(llm).modules())
 
 
 def is_quantized(llm: nn.Module) -> bool:

@@ -13,17 +13,17 @@ import torch
 _CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "Cannot allocate memory")
 
 
-def is_out_of_memory(error: BaseException | None) -> bool:
-    """Whether `error` (or what it was raised from) is an allocation failure, on a GPU or the CPU."""
+def out_of_memory_error(error: BaseException | None) -> BaseException | None:
+    """The allocation failure (on a GPU or the CPU) that `error` is or was raised from; None if none."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-            return True
+            return error
         if isinstance(error, RuntimeError) and any(s in str(error) for s in _CPU_OOM):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def oom_reason(error: BaseException, run=None) -> str | None:
@@ -32,7 +32,8 @@ def oom_reason(error: BaseException, run=None) -> str | None:
     `run` (a RunConfig) makes the advice specific: its batch size, whether gradient checkpointing is
     already on, whether a stage trains the whole LLM.
     """
-    if not is_out_of_memory(error):
+    error = out_of_memory_error(error)
+    if error is None:
         return None
     gpu = isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error)
     found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", str(error))
@@ -40,15 +41,14 @@ def oom_reason(error: BaseException, run=None) -> str | None:
     advice = []
     training = getattr(run, "training", None)
     if training is not None:
-        advice.append(f"lower training.batch_size (now {training.batch_size}; raise training.grad_accum to keep "
-                      f"the effective batch)")
+        advice.append(f"lower training.batch_size (now {training.batch_size}; training.grad_accum keeps the "
+                      f"effective batch)")
         if getattr(training, "gradient_checkpointing", "auto") is not True:
             advice.append("set training.gradient_checkpointing: true")
         stages = getattr(run, "stages", None) or []
         full = any(getattr(s, "llm", "") == "full" for s in stages) or getattr(run, "paradigm", "") == "two-stage"
         if full:
-            advice.append("train a PEFT method (model.peft.method: lora; QLoRA with peft.options.quantize: 4bit) "
-                          "instead of the full LLM")
+            advice.append("train a PEFT method (model.peft: lora, or QLoRA) instead of the full LLM")
     else:
         advice += ["lower training.batch_size", "set training.gradient_checkpointing: true",
                    "train a PEFT method instead of the full LLM"]
