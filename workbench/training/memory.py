@@ -140,8 +140,16 @@ def can_checkpoint(model) -> tuple[bool, str]:
 
     if model.config.peft.method == "prefix_tuning":
         return False, "prefix tuning hands its prefix over as a KV cache, which checkpointed layers drop"
-    if not getattr(base_llm(model.llm), "supports_gradient_checkpointing", False):
-        return False, f"the {type(base_llm(model.llm)).__name__} architecture does not support it"
+    llm = base_llm(model.llm)
+    if not getattr(llm, "supports_gradient_checkpointing", False):
+        return False, f"the {type(llm).__name__} architecture does not support it"
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in llm.modules():  # hooks on a layer's input are outside its checkpoint; inside it they would rerun
+        if isinstance(layer, GradientCheckpointingLayer) and any(
+                sub._forward_hooks or sub._forward_pre_hooks for name, sub in layer.named_modules() if name):
+            return False, (f"the {model.config.integrator.name} integrator hooks into modules inside the LLM's "
+                           f"layers, and keeps per-call state a recomputed layer would not see")
     return True, ""
 
 
