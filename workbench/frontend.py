@@ -81,15 +81,17 @@ def describe_model(model, batch_size: int = 16, seq_len: int = 128, precision: s
             "memory": {**memory.as_dict(), "explanation": memory.explain()}, "diagram": model_diagram(model)}
 
 
-def describe_config(config, batch_size: int = 16, seq_len: int = 128, precision: str = "no") -> dict[str, Any]:
+def describe_config(config, batch_size: int = 16, seq_len: int = 128, precision: str = "auto") -> dict[str, Any]:
     """`describe_model` for a config without loading it: the model is built on the meta device (shapes and
     dtypes, no weights read, no memory taken), so the Build view can be clicked freely while runs hold the
-    GPU. The memory estimate is against the device the config would train on."""
+    GPU. The memory estimate is against the device the config would train on, in the precision a run
+    there would use (`precision` as training.precision: auto, fp32, bf16, fp16)."""
+    from .llm import target_device, training_precision
     from .model import VisionLanguageModel
 
     model = VisionLanguageModel.from_config(config, device="meta")
     try:
-        return describe_model(model, batch_size, seq_len, precision)
+        return describe_model(model, batch_size, seq_len, training_precision(precision, target_device(config.llm)))
     finally:
         del model
         release_memory()

@@ -207,7 +207,7 @@ def load_llm(spec: LLMSpec, device: torch.device | None = None, peft: PeftSpec |
 
     device = device or resolve_device(spec.device)
     meta = device.type == "meta"
-    dtype = resolve_dtype(spec.dtype, _meta_target(spec) if meta else device)
+    dtype = resolve_dtype(spec.dtype, target_device(spec) if meta else device)
     quantize = None if meta or peft is None else quantization_config(peft, compute_dtype=dtype)
     if quantize is not None:
         if device.type != "cuda":
@@ -252,12 +252,9 @@ def load_llm(spec: LLMSpec, device: torch.device | None = None, peft: PeftSpec |
     return model, tokenizer
 
 
-def _meta_target(spec: LLMSpec) -> torch.device:
-    """The device a model described on `meta` would really run on (for its dtype)."""
-    try:
-        return resolve_device(spec.device)
-    except ConfigError:  # e.g. a GPU config described on a CPU machine
-        return torch.device(spec.device if spec.device != "auto" else "cpu")
+def target_device(spec: LLMSpec) -> torch.device:
+    """The device a model described on `meta` would really run on (its dtype, the memory it is costed against)."""
+    return resolve_device(spec.device)
 
 
 def set_attention_implementation(model, implementation: str) -> None:

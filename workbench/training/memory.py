@@ -167,9 +167,9 @@ def estimate_training_memory(model, batch_size: int, seq_len: int, precision: st
     if device is None:
         device = model.device
         if device.type == "meta":
-            from ..llm import _meta_target
+            from ..llm import target_device
 
-            device = _meta_target(model.config.llm)
+            device = target_device(model.config.llm)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
