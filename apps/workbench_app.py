@@ -78,12 +78,9 @@ class Workbench:
         return config.validate()
 
     def describe(self, encoder, integrator, llm, peft, options_json, batch_size):
-        from workbench.model import VisionLanguageModel
-
         try:
             config = self.model_config(encoder, integrator, llm, peft, options_json)
-            model = VisionLanguageModel.from_config(config)
-            info = frontend.describe_model(model, batch_size=int(batch_size))
+            info = frontend.describe_config(config, batch_size=int(batch_size))  # meta device: no weights, no GPU
         except Exception as e:  # noqa: BLE001
             _fail(e)
         table = [[r["component"], f"{r['total']:,}", f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}",
@@ -240,9 +237,11 @@ class Workbench:
             _fail(e)
         state = session_state or {}
         if state.get("source") != source:
+            if state.get("session") is not None:
+                state["session"].model = None  # the old session must not keep its model (and its GPU memory)
             state = {"source": source, "session": ChatSession(model)}
         session = state["session"]
-        session.model = model
+        session.model = model  # lent for this answer only: the cache owns the model
         session.settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                               top_p=float(top_p))
         history = list(history or [])
@@ -255,6 +254,8 @@ class Workbench:
                     yield history, state, None
         except Exception as e:  # noqa: BLE001
             _fail(e)
+        finally:
+            session.model = None  # a session kept in a browser tab must not pin an evicted model in memory
         state["last"] = {"question": session.messages[-2]["content"], "answer": session.messages[-1]["content"],
                          "images": list(session.images)}
         yield history, state, None

@@ -39,9 +39,16 @@ def _drain(generator):
     return out
 
 
-def test_build_describes_any_integrator(wb, tiny_llm_dir):
+def test_build_describes_any_integrator(wb, tiny_llm_dir, monkeypatch):
+    from workbench.model import VisionLanguageModel
+
+    built = []
+    real = VisionLanguageModel.from_config.__func__
+    monkeypatch.setattr(VisionLanguageModel, "from_config",
+                        classmethod(lambda cls, config, device=None: built.append(device) or real(cls, config, device)))
     diagram, table, summary = wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
                                           '{"num_queries": 8}', 4)
+    assert built == ["meta"]  # each click builds shapes only: no weights loaded, no GPU memory taken
     assert "8 visual token(s)" in diagram and "lora" in diagram
     assert [row[0] for row in table][:2] == ["encoder", "integrator"] and table[-1][0] == "total"
     assert "**8 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
@@ -88,6 +95,7 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
     history, state, cleared = _drain(wb.chat(run_id, str(example_image), "what color is the shape?", [], {},
                                              5, 0.0, 1.0))
     assert history[-1]["role"] == "assistant" and history[-1]["content"] and cleared is None
+    assert state["session"].model is None  # a session kept by a browser tab does not pin the model (GPU memory)
     overlay, heatmap, share, prompt, note = wb.explain(run_id, state, 0, "mean", "attention", -1)
     assert overlay.size[0] == overlay.size[1] and heatmap is not None and "Answer tokens" in note
     overlay, *_ = wb.explain(run_id, state, -1, "max", "gradient", 0)

@@ -304,6 +304,10 @@ class TrainingSpec:
     eval_samples: int = 256
     early_stopping_patience: int = 0
     """Evaluations without improvement before a stage stops (0: never)."""
+    gradient_checkpointing: bool | str = "auto"
+    """auto, true or false. Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: far less memory for about one more forward pass per step. auto turns it on only when the memory
+    estimate says the stage would not fit without it (large LLMs, large batches)."""
     cache_features: bool = True
     """Compute frozen encoder features once and reuse them across epochs, stages and runs."""
     cache_text_states: bool = True
@@ -340,6 +344,9 @@ class RunConfig:
         t = self.training
         if t.batch_size < 1 or t.grad_accum < 1:
             raise ConfigError("training.batch_size and training.grad_accum must be at least 1")
+        if t.gradient_checkpointing not in (True, False, "auto"):
+            raise ConfigError(f"training.gradient_checkpointing must be auto, true or false, not "
+                              f"{t.gradient_checkpointing!r}")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision must be auto, fp32, bf16 or fp16, not '{t.precision}'")
         for spec in [self.data] + [s.data for s in self.stages or [] if s.data is not None]:

@@ -2,7 +2,8 @@
 no model logic of their own (the command line uses them too).
 
 - `catalog`: what can be picked (registries with metadata), integrators costed for a given encoder + LLM.
-- `describe_model`: parameter table, visual tokens, memory estimate against the device, a diagram.
+- `describe_model` / `describe_config`: parameter table, visual tokens, memory estimate against the device, a
+  diagram (`describe_config` builds on the meta device: no weights loaded).
 - `preview_data`: a few samples of a dataset and its bad-row report.
 - `run_rows` / `run_progress` / `curves_figure`: the runs list, one run's live progress, loss/lr/eval curves.
 - `ModelCache`: the model a front end is chatting with or explaining, loaded once.
@@ -66,14 +67,41 @@ def model_diagram(model) -> str:
     ])
 
 
-def describe_model(model, batch_size: int = 16, seq_len: int = 128, precision: str = "no") -> dict[str, Any]:
-    """Everything the Build view shows about a model: parameters per component, tokens, memory, diagram."""
+def describe_model(model, batch_size: int = 16, seq_len: int = 128, precision: str = "no",
+                   device=None) -> dict[str, Any]:
+    """Everything the Build view shows about a model: parameters per component, tokens, memory, diagram.
+
+    `device`: where it would train (default: where it is; for a model on the meta device, the device its
+    config names)."""
     from .training.memory import estimate_training_memory
 
-    memory = estimate_training_memory(model, batch_size, seq_len, precision)
+    memory = estimate_training_memory(model, batch_size, seq_len, precision, device=device)
     return {"parameters": model.parameter_report(), "visual_tokens": model.num_visual_tokens,
-            "grid": list(model.encoder.grid), "device": str(model.device), "dtype": str(model.dtype),
+            "grid": list(model.encoder.grid), "device": memory.device, "dtype": str(model.dtype),
             "memory": {**memory.as_dict(), "explanation": memory.explain()}, "diagram": model_diagram(model)}
+
+
+def describe_config(config, batch_size: int = 16, seq_len: int = 128, precision: str = "auto") -> dict[str, Any]:
+    """`describe_model` for a config without loading it: the model is built on the meta device (shapes and
+    dtypes, no weights read, no memory taken), so the Build view can be clicked freely while runs hold the
+    GPU. The memory estimate is against the device the config would train on, in the precision a run
+    there would use (`precision` as training.precision: auto, fp32, bf16, fp16)."""
+    from .llm import target_device, training_precision
+    from .model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_config(config, device="meta")
+    try:
+        return describe_model(model, batch_size, seq_len, training_precision(precision, target_device(config.llm)))
+    finally:
+        del model
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give back what dropped models held (garbage collection, then the CUDA allocator's cache)."""
+    from .llm import release_gpu_memory
+
+    release_gpu_memory()
 
 
 def preview_data(kind: str, options: dict | None = None, n: int = 4, seed: int = 0) -> dict[str, Any]:
@@ -263,7 +291,9 @@ class ModelCache:
             key = str(folder) if folder else "default"
             stamp = f"{key}@{(folder / 'config.yaml').stat().st_mtime if folder else 0}"
             if stamp != self._key:
-                self._model = None  # free the old one first
+                if self._model is not None:  # free the old one first, on the GPU too
+                    self._model = None
+                    release_memory()
                 started = time.time()
                 self._model = VisionLanguageModel.from_pretrained(folder) if folder else \
                     VisionLanguageModel.from_config(ModelConfig())
@@ -337,8 +367,6 @@ def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_
     """Each finished run's saved model asked the same questions (`data`, a SampleDataset): its `run_summary` plus
     accuracy overall and by question type, total parameters, trainable % and visual tokens per image. A
     text-only run is asked without the images, as it was trained. Runs that did not complete get no accuracy."""
-    import gc
-
     import torch
 
     from .evaluation import evaluate_vqa
@@ -366,7 +394,7 @@ def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_
                      "trainable_pct": pct,
                      "visual_tokens": 0 if summary["text_only"] else model.num_visual_tokens})
         del model
-        gc.collect()
+        release_memory()
     return rows
 
 

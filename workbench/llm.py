@@ -1,13 +1,15 @@
 """Load a causal LM from an embedded alias, a hub id, a local directory or a GGUF file; pick device and dtype."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from .assets import smollm2_dir
-from .config import LLMSpec
+from .config import LLMSpec, PeftSpec
 from .errors import ConfigError, UnknownComponentError, WorkbenchError
 from .hub import hub_kwargs, looks_like_hub_id
 from .registry import Registry
@@ -32,23 +34,100 @@ for _alias, _hub, _params in [
     LLMS.register(_alias, hub_id=_hub, offline=False, params=_params, description=f"{_hub} (needs the model hub)")(_hub)
 
 
+def launch_local_rank() -> int | None:
+    """This process's local rank when a launcher (torchrun, accelerate) started several; None alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ["LOCAL_RANK"])
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """The device a model is built on: the one it will train on, with its index, so nothing moves later.
+
+    Under torchrun each process gets `cuda:LOCAL_RANK` (as accelerate will use), not cuda:0: building
+    every rank's model on GPU 0 first can run it out of memory. An explicit `cuda:N` is kept, except when
+    several local processes would then share one GPU.
+    """
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = "cuda"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"Unknown device '{device}'. Use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise ConfigError(f"Device '{device}' was asked for but CUDA is not available on this machine; use auto or cpu")
+    count = torch.cuda.device_count()
+    local = launch_local_rank()
+    if dev.index is None:
+        return torch.device("cuda", local % count if local is not None else torch.cuda.current_device())
+    if local is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "2")) > 1 and dev.index != local % count:
+        raise ConfigError(f"llm.device is {device} but this is process {local} of a multi-process run, which trains "
+                          f"on cuda:{local % count}: use llm.device: auto (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if dev.index >= count:
+        raise ConfigError(f"Device '{device}' was asked for but this machine has {count} GPU(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
     return dev
+
+
+def use_device(device: torch.device | str) -> None:
+    """Make `device` the current CUDA device, so code that says just "cuda" (accelerate's single-process
+    device, caches, empty_cache) means the GPU the model is on, not GPU 0."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def cuda_has_native_bf16(device: torch.device | str | int | None = None) -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8.0, Ampere, or later; ROCm GPUs).
+
+    `torch.cuda.is_bf16_supported()` also says yes on older GPUs that only emulate bf16, where it is
+    far slower than fp16 or fp32; the workbench's automatic choices must not pick it there.
+    """
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    if isinstance(device, (str, torch.device)):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def training_precision(precision: str, device: torch.device | str) -> str:
+    """A `training.precision` setting → accelerate's mixed_precision ("no", "bf16", "fp16") on `device`.
+
+    auto: bf16 autocast where the hardware computes bf16 natively (the trained weights stay fp32 masters),
+    fp32 elsewhere.
+    """
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if cuda_has_native_bf16(device) else "no"
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "no"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, not '{precision}'")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def release_gpu_memory() -> None:
+    """Give memory held by dropped models back: collect them now, then return the CUDA allocator's cached
+    blocks, so other processes (a queued run, another user's chat) can use them."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and cuda_has_native_bf16(device):
             return torch.bfloat16
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -74,7 +153,7 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 
     device = torch.device(device)
     if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        fast = cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_fast_bf16()
         precision = "bf16" if fast and device.type in ("cuda", "cpu") else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -115,26 +194,44 @@ def _source(spec: LLMSpec) -> tuple[str, dict]:
     )
 
 
-def load_llm(spec: LLMSpec, device: torch.device | None = None):
-    """Return (model, tokenizer) on the resolved device and dtype, frozen if `spec.frozen`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_llm(spec: LLMSpec, device: torch.device | None = None, peft: PeftSpec | None = None):
+    """Return (model, tokenizer) on the resolved device and dtype, frozen if `spec.frozen`.
+
+    `peft`: when it asks for QLoRA (`options.quantize`), the weights are quantized while loading, straight
+    onto `device` (a bitsandbytes model cannot be moved afterwards). On the `meta` device only the
+    architecture is built, in the dtype the real model would have: sizes and memory without any weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .peft_modules import quantization_config
 
     device = device or resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    meta = device.type == "meta"
+    dtype = resolve_dtype(spec.dtype, target_device(spec) if meta else device)
+    quantize = None if meta or peft is None else quantization_config(peft, compute_dtype=dtype)
+    if quantize is not None:
+        if device.type != "cuda":
+            raise ConfigError(f"QLoRA (peft.options.quantize) loads the LLM onto a GPU, not {device}: set "
+                              f"llm.device to auto or cuda")
+        if not spec.frozen:
+            raise ConfigError("QLoRA keeps the quantized LLM frozen and trains its LoRA modules: set llm.frozen: true")
     source, kw = _source(spec)
     common = dict(trust_remote_code=spec.trust_remote_code, **kw)
     model_kw = dict(dtype=dtype, attn_implementation=spec.attn_implementation, **common)
     if "gguf_file" not in kw:
         model_kw["use_safetensors"] = spec.use_safetensors or None
+    if quantize is not None:
+        model_kw.update(quantization_config=quantize, device_map={"": device.index})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        if spec.weights == "random":  # the architecture only: nothing but config.json is read
-            from transformers import AutoConfig
-
+        if spec.weights == "random" or meta:  # the architecture only: nothing but config.json is read
             config = AutoConfig.from_pretrained(source, **common)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
-                                                     trust_remote_code=spec.trust_remote_code)
-            log.info("LLM %s built with random weights (weights: random)", spec.name)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                         attn_implementation=spec.attn_implementation,
+                                                         trust_remote_code=spec.trust_remote_code)
+            if not meta:
+                log.info("LLM %s built with random weights (weights: random)", spec.name)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kw)
     except WorkbenchError:
@@ -146,12 +243,18 @@ def load_llm(spec: LLMSpec, device: torch.device | None = None):
         tokenizer.chat_template = spec.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.to(device)
+    if quantize is None:
+        model.to(device)
     for p in model.parameters():
-        p.requires_grad_(not spec.frozen)
+        p.requires_grad_(not spec.frozen and p.is_floating_point())
     if spec.frozen:
         model.eval()
     return model, tokenizer
+
+
+def target_device(spec: LLMSpec) -> torch.device:
+    """The device a model described on `meta` would really run on (its dtype, the memory it is costed against)."""
+    return resolve_device(spec.device)
 
 
 def set_attention_implementation(model, implementation: str) -> None:

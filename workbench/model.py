@@ -56,6 +56,7 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.formatter = PromptFormatter(tokenizer, config.image_token, config.system_prompt)
+        self.gradient_checkpointing = False
         integrator.attach(base_llm(llm))  # in-LLM modules go into the transformers model, under any PEFT wrapper
 
     # ------------------------------------------------------------------ construction
@@ -67,9 +68,10 @@ class VisionLanguageModel(nn.Module):
         elif isinstance(config, dict):
             config = model_config_from_dict(config)
         config = replace(config).validate()
-        dev = torch.device(device) if device is not None else resolve_device(config.llm.device)
+        # with its index (cuda:LOCAL_RANK under torchrun): built where it trains, never first on cuda:0
+        dev = resolve_device(str(device) if device is not None else config.llm.device)
         check_peft_spec(config.peft)  # fail before loading the LLM (unknown method, QLoRA without CUDA)
-        llm, tokenizer = load_llm(config.llm, dev)
+        llm, tokenizer = load_llm(config.llm, dev, peft=config.peft)  # QLoRA: loaded quantized
         encoder = build_encoder(config.encoder)
         llm_dtype = next(llm.parameters()).dtype
         encoder.to(device=dev, dtype=llm_dtype if encoder.frozen else torch.float32)
@@ -192,6 +194,9 @@ class VisionLanguageModel(nn.Module):
             for p in self.integrator.parameters():
                 p.requires_grad_(integrator)
         if llm is not None:
+            if llm and is_quantized(self.llm):
+                raise ConfigError("The LLM is loaded quantized (QLoRA): its base weights cannot train; train its "
+                                  "PEFT modules (stage llm: peft) instead of the full LLM")
             for p in self._llm_own_parameters():
                 p.requires_grad_(llm)
             self.config.llm.frozen = not llm
@@ -203,11 +208,50 @@ class VisionLanguageModel(nn.Module):
                 p.requires_grad_(peft)
         return self
 
+    def upcast_trainable_(self, dtype: torch.dtype = torch.float32):
+        """Keep the parameters that train in `dtype` (fp32 master weights); frozen ones stay as loaded.
+
+        An LLM loaded in bf16 (dtype auto on CUDA) and updated in place loses most updates: at a learning
+        rate of 2e-5, AdamW's step is far below half a bf16 ulp of a typical weight and rounds away. Trained
+        in fp32 under bf16 autocast, the matmuls still run in bf16 while the updates accumulate. Call after
+        choosing the trainable set and before building the optimizer; returns self.
+        """
+        for p in self.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        return self
+
+    def enable_gradient_checkpointing(self, enable: bool = True):
+        """Recompute each LLM decoder layer in the backward pass instead of keeping its activations.
+
+        Uses transformers' non-reentrant checkpointing, which passes gradients on to inputs that need them
+        (visual tokens, PEFT modules) without `enable_input_require_grads` tricks. Returns self.
+        """
+        from .training.memory import can_checkpoint
+
+        llm = base_llm(self.llm)
+        if enable:
+            possible, why_not = can_checkpoint(self)
+            if not possible:
+                raise ConfigError(f"Gradient checkpointing cannot be used here: {why_not}; set "
+                                  f"training.gradient_checkpointing: false")
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif is_checkpointing(llm):
+            (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+        self.gradient_checkpointing = enable
+        return self.train(self.training)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if (self.config.llm.frozen and not self.integrator.llm_parameters()
                 and not any(p.requires_grad for p in peft_parameters(self.llm))):
             self.llm.eval()  # a frozen LLM behaves as at inference (no dropout)
+            if mode and getattr(self, "gradient_checkpointing", False):
+                _checkpointed_layers_train(self.llm)
         return self
 
     def parameter_report(self) -> list[dict[str, Any]]:
@@ -457,9 +501,32 @@ class VisionLanguageModel(nn.Module):
             raise errors[0]
 
 
+def _checkpointed_layers_train(llm: nn.Module) -> None:
+    """Put only the decoder layers of an eval-mode LLM in training mode: transformers checkpoints a layer
+    only while it is training, and a frozen LLM still keeps activations for the gradients that pass through
+    it to the integrator. Their submodules (attention, dropout) stay in eval mode: no dropout appears."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in llm.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
+def is_checkpointing(llm: nn.Module) -> bool:
+    """Whether the LLM's layers recompute their activations in the backward pass."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base_llm(llm).modules())
+
+
+def is_quantized(llm: nn.Module) -> bool:
+    """Whether the LLM was loaded quantized (bitsandbytes, QLoRA)."""
+    return getattr(base_llm(llm), "hf_quantizer", None) is not None
+
+
 def _text_embedding_norm(llm: nn.Module) -> float:
     """Mean L2 norm of the input embedding rows (a sample of them: the vocabulary can be large)."""
     weight = llm.get_input_embeddings().weight
+    if weight.device.type == "meta":  # described, not run: any scale will do
+        return 1.0
     rows = weight[:: max(1, weight.shape[0] // 4096)]
     return float(rows.detach().float().norm(dim=-1).mean())
 

@@ -276,7 +276,8 @@ def attach_peft(llm: nn.Module, spec: PeftSpec) -> nn.Module:
         raise ConfigError("The LLM already carries PEFT modules; attach them once")
     import peft
 
-    if (spec.options or {}).get("quantize"):
+    on_meta = next(llm.parameters()).device.type == "meta"  # described, not loaded: nothing to quantize
+    if (spec.options or {}).get("quantize") and not on_meta:
         if getattr(llm, "hf_quantizer", None) is None:
             raise ConfigError("QLoRA needs the LLM loaded quantized (load it with "
                               "workbench.peft_modules.quantization_config(spec) as quantization_config)")

@@ -18,15 +18,78 @@ from pathlib import Path
 from .errors import WorkbenchError
 
 
+def launch_group() -> tuple[int, str | None]:
+    """(local rank, an id every process of this launch shares) under torchrun/accelerate; (0, None) alone.
+
+    The launcher gives all its processes the same rendezvous address, and two launches on one machine
+    cannot share one, so it names the run's group without any communication between the processes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, None
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    group = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return local, group
+
+
+def needs_gpu(run) -> bool:
+    """Whether a run will put work on a GPU, and so must wait for the GPU slot."""
+    import torch
+
+    return run.model.llm.device != "cpu" and torch.cuda.is_available()
+
+
 @contextlib.contextmanager
-def gpu_slot(root: Path, needs_gpu: bool):
-    """One GPU run at a time: later ones wait here (status stays 'queued') until the lock frees."""
+def gpu_slot(root: Path, needs_gpu: bool, poll: float = 1.0):
+    """One GPU run at a time: later ones wait here (status stays 'queued') until the lock frees.
+
+    The slot belongs to a run, not to a process: under torchrun only local rank 0 takes the lock and
+    then writes its group's id next to it; the other ranks of that run wait for that id and go on
+    without the lock. Were every rank to take the lock, rank 1 would wait for rank 0 to let go while
+    rank 0 waits for rank 1 to join the process group: a deadlock. The other ranks still wait while
+    another run holds the GPU, so no rank of a queued run loads a model onto a busy GPU.
+    """
     if not needs_gpu:
         yield
         return
-    with open(root / "gpu.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+    local_rank, group = launch_group()
+    lock, owner = root / "gpu.lock", root / "gpu.owner"
+    if local_rank == 0:
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if group is not None:
+                    _write_atomic(owner, group)
+                yield
+            finally:
+                if group is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        owner.unlink()
+        return
+    while not _held_by(lock, owner, group):
+        time.sleep(poll)
+    yield
+
+
+def _held_by(lock: Path, owner: Path, group: str) -> bool:
+    """Whether the lock is held now and `owner` names `group` (an owner file whose holder died is stale)."""
+    try:
+        if owner.read_text() != group:
+            return False
+    except FileNotFoundError:
+        return False
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # held, by the process that wrote our group's id
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class _Terminated(Exception):
@@ -63,10 +126,8 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
             registry.mark(run_dir.name, status, exit_code=code, reason=reason, finished=time.time())
         return code
 
-    registry = None
+    registry = run = None
     try:
-        import torch
-
         from .config import load_run_config
         from .jobs import RunRegistry
         from .logs import quiet_libraries
@@ -75,8 +136,7 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
         quiet_libraries()
         registry = RunRegistry(args.registry) if args.registry else None
         run = load_run_config(run_dir / "run.yaml")
-        needs_gpu = run.model.llm.device != "cpu" and torch.cuda.is_available()
-        with gpu_slot(run_dir.parent, needs_gpu):
+        with gpu_slot(run_dir.parent, needs_gpu(run)):
             if registry is not None:
                 registry.mark(run_dir.name, "running")
             print(f"[worker] training {run.name} ({run.paradigm}) in {run_dir}", flush=True)
@@ -92,7 +152,10 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
         return finish("failed", 1, str(e).splitlines()[0][:300])
     except Exception as e:  # anything else: record why, then fail
         traceback.print_exc()
-        return finish("failed", 1, f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        from .training.oom import oom_reason
+
+        reason = oom_reason(e, run) or f"{type(e).__name__}: {e}".splitlines()[0]
+        return finish("failed", 1, reason[:300])
 
 
 def _print_row(row: dict) -> None:

@@ -25,8 +25,24 @@ def image_key(image: Image.Image) -> str:
     return h.hexdigest()
 
 
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def storage_dtype(feats: torch.Tensor, wanted: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to keep `feats` in: `wanted`, or by default their own 16-bit dtype, and fp32 features as
+    fp16 (half the memory, more precision than bf16). Never fp16 for values beyond its range (65504): a
+    bf16 encoder's activations can exceed it, and they would be stored as inf."""
+    if wanted is None:
+        wanted = feats.dtype if feats.dtype in (torch.bfloat16, torch.float16) else torch.float16
+    if wanted == torch.float16 and feats.dtype != torch.float16 and feats.numel() \
+            and feats.detach().abs().max().item() > _FP16_MAX:
+        return feats.dtype if feats.dtype == torch.bfloat16 else torch.float32
+    return wanted
+
+
 class FeatureCache:
-    def __init__(self, encoder, root: str | Path | None = None, dtype: torch.dtype = torch.float16):
+    def __init__(self, encoder, root: str | Path | None = None, dtype: torch.dtype | None = None):
+        """`dtype`: how entries are kept (None: chosen per entry by `storage_dtype`, never overflowing)."""
         self.encoder = encoder
         self.dtype = dtype
         self.dir = Path(root or home() / "feature-cache") / encoder.fingerprint()
@@ -49,6 +65,8 @@ class FeatureCache:
                 if path.is_file():
                     try:
                         feats = load_file(str(path))["features"]
+                        if not torch.isfinite(feats).all():  # written by a version that overflowed fp16
+                            raise ValueError("non-finite cached features")
                         self._memory[key] = feats
                     except Exception:  # a torn or foreign file: recompute it
                         feats = None
@@ -61,12 +79,15 @@ class FeatureCache:
             chunk = todo[start:start + batch_size]
             pixels = self.encoder.preprocess([images[i] for i in chunk])
             with torch.no_grad():
-                feats = self.encoder(pixels).to("cpu", self.dtype)
+                feats = self.encoder(pixels).to("cpu")
             for i, f in zip(chunk, feats):
-                f = f.contiguous()
+                f = f.to(storage_dtype(f, self.dtype)).contiguous()
                 self._store(keys[i], f)
                 out[i] = f
-        return torch.stack(out)  # type: ignore[arg-type]
+        common = out[0].dtype  # type: ignore[union-attr]
+        for f in out[1:]:
+            common = torch.promote_types(common, f.dtype)  # type: ignore[union-attr]
+        return torch.stack([f.to(common) for f in out])  # type: ignore[union-attr]
 
     def _store(self, key: str, feats: torch.Tensor) -> None:
         self._memory[key] = feats
