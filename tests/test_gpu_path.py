@@ -57,9 +57,9 @@ def _torchrun(monkeypatch, local_rank, world=2):
 _RANK = """
 import os, sys, time
 from pathlib import Path
-from workbench.worker import gpu_slot
+from workbench.worker import device_slot
 root, rank, world = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-with gpu_slot(root, True):
+with device_slot(root, "gpu"):
     (root / f"entered-{os.environ.get('MASTER_PORT')}-{rank}").write_text("")
     # as init_process_group does: wait for every rank of this run to arrive
     deadline = time.time() + float(sys.argv[4])
@@ -87,10 +87,10 @@ def test_ranks_of_one_run_share_the_gpu_slot_instead_of_deadlocking(tmp_path):
 
 
 def test_a_queued_runs_ranks_wait_while_another_run_holds_the_gpu(tmp_path, monkeypatch):
-    from workbench.worker import gpu_slot
+    from workbench.worker import device_slot
 
     _no_launcher(monkeypatch)
-    with gpu_slot(tmp_path, True):  # another (single-process) run trains
+    with device_slot(tmp_path, "gpu"):  # another (single-process) run trains
         waiting = [_rank(tmp_path, 1, 29502, wait=60), _rank(tmp_path, 0, 29502, wait=60)]
         time.sleep(2.0)
         assert [p.poll() for p in waiting] == [None, None]
@@ -105,7 +105,7 @@ def test_a_stale_owner_file_does_not_let_a_rank_through(tmp_path, monkeypatch):
     assert not _held_by(tmp_path / "gpu.lock", tmp_path / "gpu.owner", "|127.0.0.1|29503")
 
 
-def test_only_runs_that_use_cuda_need_the_slot(monkeypatch, tiny_config):
+def test_runs_that_use_cuda_queue_for_the_gpu_not_the_cpu(monkeypatch, tiny_config):
     from workbench.config import RunConfig
     from workbench.worker import needs_gpu
 
@@ -506,7 +506,9 @@ def test_a_run_that_runs_out_of_gpu_memory_fails_with_advice(tiny_config, tmp_pa
     from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec, save_run_config
     from workbench.model import VisionLanguageModel
 
-    rows = [{"id": str(i), "image": str(example_image),
+    from conftest import image_beside
+
+    rows = [{"id": str(i), "image": image_beside(tmp_path),
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(4)]
     (tmp_path / "data.json").write_text(json.dumps(rows))

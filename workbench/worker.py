@@ -39,23 +39,27 @@ def needs_gpu(run) -> bool:
 
 
 @contextlib.contextmanager
-def gpu_slot(root: Path, needs_gpu: bool, poll: float = 1.0):
-    """One GPU run at a time: later ones wait here (status stays 'queued') until the lock frees.
+def device_slot(root: Path, device: str, poll: float = 1.0):
+    """One run at a time on each device ("gpu" or "cpu") of a runs folder: later ones wait here (status stays
+    'queued') until the lock frees. Two runs sharing a small CPU or one GPU only slow each other down (and
+    their wall-clock budgets then buy half the training), so they queue as on a cluster.
 
     The slot belongs to a run, not to a process: under torchrun only local rank 0 takes the lock and
     then writes its group's id next to it; the other ranks of that run wait for that id and go on
     without the lock. Were every rank to take the lock, rank 1 would wait for rank 0 to let go while
     rank 0 waits for rank 1 to join the process group: a deadlock. The other ranks still wait while
-    another run holds the GPU, so no rank of a queued run loads a model onto a busy GPU.
+    another run holds the device, so no rank of a queued run loads a model onto a busy GPU.
     """
-    if not needs_gpu:
-        yield
-        return
     local_rank, group = launch_group()
-    lock, owner = root / "gpu.lock", root / "gpu.owner"
+    lock, owner = root / f"{device}.lock", root / f"{device}.owner"
     if local_rank == 0:
         with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"[worker] queued: waiting for the {device} (another run of {root} is training on it)",
+                      flush=True)
+                fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 if group is not None:
                     _write_atomic(owner, group)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
         quiet_libraries()
         registry = RunRegistry(args.registry) if args.registry else None
         run = load_run_config(run_dir / "run.yaml")
-        with gpu_slot(run_dir.parent, needs_gpu(run)):
+        with device_slot(run_dir.parent, "gpu" if needs_gpu(run) else "cpu"):
             if registry is not None:
                 registry.mark(run_dir.name, "running")
             print(f"[worker] training {run.name} ({run.paradigm}) in {run_dir}", flush=True)

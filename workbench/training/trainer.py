@@ -68,6 +68,9 @@ class Trainer:
         ckpt = latest_checkpoint(self.dir) if resume else None
         if ckpt is not None:
             info, state = load_trainer_state(ckpt)
+            if info["stage"] < len(stages):  # the saved trained parts are fp32 masters: load them as such
+                self._apply_recipe(stages[info["stage"]])
+                self.model.upcast_trainable_()
             self.model.load_trained_parts(ckpt / "model")
             start = info
             self._log("resume", checkpoint=ckpt.name, stage=info["stage"], step=info["global_step"])
@@ -76,6 +79,9 @@ class Trainer:
                       message="no checkpoint was written before the run stopped: starting it from the beginning")
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from ..llm import use_device
+
+        use_device(self.model.device)  # accelerate's "cuda" is then the model's GPU (llm.device: cuda:1), not GPU 0
         precision = self._precision()
         # Which parameters a step uses depends on the batch (rows without images skip the integrator; a text-only
         # run never calls it), so DDP must look for unused ones instead of waiting for their gradients.
@@ -138,6 +144,7 @@ class Trainer:
 
         t = self.run.training
         trainable = self._apply_recipe(stage)
+        self.model.upcast_trainable_()  # fp32 master weights: bf16 weights would round most updates away
         if position is not None and position.get("trainable") != trainable:
             raise ConfigError(f"The checkpoint trained {len(position.get('trainable', []))} tensors but stage "
                               f"'{stage.name}' would train {len(trainable)}: refusing to resume with a different "
@@ -266,23 +273,19 @@ class Trainer:
                   skipped=sum(self.skipped.values()))
 
     def _check_memory(self, dataset) -> None:
-        """Log the estimate; refuse (with the breakdown) a stage that clearly cannot fit."""
-        from .memory import estimate_training_memory
+        """Log the estimate; turn on gradient checkpointing when it advises so; refuse (with the breakdown and
+        what to change) a stage that clearly cannot fit."""
+        from .memory import estimate_training_memory, training_lengths
 
-        lengths = []
-        for i in range(min(len(dataset), 32)):
-            sample = dataset[i]
-            try:
-                enc = self.model.formatter.encode(sample.messages)
-                lengths.append(len(enc.input_ids) + len(sample.images) * (self.model.num_visual_tokens - 1))
-            except WorkbenchError:
-                continue
-        seq_len = max(lengths, default=self.model.config.max_length)
-        estimate = estimate_training_memory(self.model, self.run.training.batch_size, seq_len, self._precision())
-        self._log("memory", seq_len=seq_len, **estimate.as_dict())
+        seq_len, answer_len = training_lengths(self.model, [dataset[i] for i in range(min(len(dataset), 32))])
+        estimate = estimate_training_memory(self.model, self.run.training.batch_size, seq_len, self._precision(),
+                                            answer_len=answer_len,
+                                            gradient_checkpointing=self.run.training.gradient_checkpointing)
+        self._log("memory", seq_len=seq_len, answer_len=answer_len, **estimate.as_dict())
+        if estimate.gradient_checkpointing and not self.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         if not estimate.fits:
-            raise ConfigError(f"This stage will not fit in memory: {estimate.explain()}. Lower training.batch_size, "
-                              f"use a PEFT method instead of full tuning, or a smaller LLM")
+            raise ConfigError(f"This stage will not fit in memory: {estimate.explain()}. {estimate.advice}")
 
     def _batch(self, samples) -> dict | None:
         """Samples → model inputs; a sample that fails (image, template, length) is skipped and counted."""
@@ -368,7 +371,12 @@ class Trainer:
             return self._datasets[stage.name]
         from ..data.loaders import load_dataset_spec
 
-        return load_dataset_spec(stage.data.kind, **stage.data.options)
+        dataset = load_dataset_spec(stage.data.kind, **stage.data.options)
+        if len(dataset) == 0:  # every row was bad: say why instead of "completing" without a step
+            report = getattr(dataset, "report", None)
+            raise ConfigError(f"Stage '{stage.name}' has no usable samples"
+                              + (f": {report.summary()}" if report is not None else ""))
+        return dataset
 
     def _eval_data(self, stage: StageSpec):
         if self._eval_dataset is not None:
@@ -419,14 +427,9 @@ class Trainer:
         self._log("checkpoint", path=path.name, step=step, stage=stage)
 
     def _precision(self) -> str:
-        from ..llm import cpu_has_fast_bf16
+        from ..llm import training_precision
 
-        p = self.run.training.precision
-        if p == "auto":  # bf16 autocast where the hardware does bf16 natively; the trained weights stay fp32
-            if self.model.device.type == "cuda":
-                return "bf16" if torch.cuda.is_bf16_supported() else "no"
-            return "bf16" if self.model.device.type == "cpu" and cpu_has_fast_bf16() else "no"
-        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
+        return training_precision(self.run.training.precision, self.model.device)
 
     def _request_cancel(self, *_):
         self._cancel = True
