@@ -55,11 +55,12 @@ _ACTIVATIONS = {"GELU": "gelu", "ReLU": "relu", "SiLU": "silu"}
 class HFLlavaBlocked(ConfigError):
     """The parts of a model do not fit LlavaForConditionalGeneration; `reasons` lists each part and why."""
 
-    def __init__(self, reasons: list[str]):
+    def __init__(self, reasons: list[str], mergeable: bool = True):
         self.reasons = reasons
-        super().__init__("Cannot export to hf-llava: " + "; ".join(reasons)
-                         + ". Export with --format merged instead (the workbench format with PEFT merged and the "
-                           "LLM as a plain transformers model)")
+        instead = ("Export with --format merged instead (the workbench format with PEFT merged and the LLM as a "
+                   "plain transformers model)") if mergeable else \
+            "Export with --format workbench instead (its PEFT modules cannot be merged, so merged is blocked too)"
+        super().__init__("Cannot export to hf-llava: " + "; ".join(reasons) + ". " + instead)
 
 
 @dataclass
@@ -132,8 +133,9 @@ def _encoder_blockers(encoder, spec) -> list[str]:
         why = _open_clip_unconvertible(encoder.visual)
         return [f"encoder open_clip '{spec.model or spec.model_config}' cannot become a CLIP vision tower: {why}"] \
             if why else []
-    return [f"encoder '{spec.name}' is not a ViT that transformers' LLaVA can hold (it needs a CLIP or SigLIP "
-            f"vision tower, e.g. encoder clip, siglip or an open_clip ViT)"]
+    what = f"encoder '{spec.name}'" + (f" ({spec.model})" if spec.model else "")
+    return [f"{what} is not a ViT that transformers' LLaVA can hold (it needs a CLIP or SigLIP vision tower: "
+            f"train with encoder clip, siglip or an open_clip ViT)"]
 
 
 def _projector_blockers(model) -> list[str]:
@@ -401,9 +403,12 @@ def build_hf_llava(model, tmp: Path):
         head = embed if tied else torch.cat([head, head.new_zeros(grow, head.shape[1])])
     text_config = copy.deepcopy(llm.config)
     text_config.vocab_size = embed.shape[0]
+    vision_config = copy.deepcopy(vision["tower"].config)
+    for sub in (text_config, vision_config):  # local paths of the parts mean nothing where the export goes
+        sub._name_or_path = ""
     projector, act = _projector_state(model)
     config = LlavaConfig(
-        vision_config=vision["tower"].config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_id,
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_id,
         image_seq_length=model.num_visual_tokens, projector_hidden_act=act,
         vision_feature_select_strategy=vision["strategy"], vision_feature_layer=vision["layer"],
         multimodal_projector_bias=True, tie_word_embeddings=bool(tied))
@@ -620,7 +625,7 @@ def export(source: str | Path, format: str = "hf-llava", out: str | Path | None 
     if format == "hf-llava":
         reasons = hf_llava_blockers(model)
         if reasons:
-            raise HFLlavaBlocked(reasons)
+            raise HFLlavaBlocked(reasons, mergeable=model.config.peft.method in MERGEABLE_PEFT)
     image = check_image(model.encoder.image_size)
     reference = workbench_reference(model, image) if verify else None
     notes = merge_peft(model)
@@ -704,7 +709,7 @@ def _export_workbench(model_dir: Path, out: Path, facts: dict, zip: bool, overwr
 
     config = load_model_config(model_dir / "config.yaml")
     if zip:
-        out = out.with_suffix(".zip") if out.suffix != ".zip" else out
+        out = out if out.name.endswith(".zip") else out.with_name(out.name + ".zip")
     _check_out(out, overwrite)
     staging = _staging(out)
     try:
