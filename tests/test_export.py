@@ -226,41 +226,51 @@ def test_workbench_format_copies_or_zips_with_a_card(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------- the model card of a real run
 
-def test_model_card_carries_the_runs_evaluations_and_baseline(tiny_llm_dir, towers, tmp_path, example_image,
-                                                              capsys):
-    from workbench.cli import main
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_llm_dir, towers):
+    """A real (tiny) run in a run registry, trained in this process: LLaVA-style parts, evaluated during training."""
+    from workbench.jobs import RunRegistry
     from workbench.training.trainer import Trainer
 
-    rows = [{"id": str(i), "image": str(example_image), "meta": {"question_type": "colour"},
+    root = tmp_path_factory.mktemp("trained")
+    example = Path(__file__).resolve().parents[1] / "examples" / "images" / "red_circle.png"
+    rows = [{"id": str(i), "image": str(example), "meta": {"question_type": "colour"},
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(4)]
-    (tmp_path / "data.json").write_text(json.dumps(rows))
-    data = DataSpec(kind="llava", options={"json_path": str(tmp_path / "data.json")})
+    (root / "data.json").write_text(json.dumps(rows))
+    data = DataSpec(kind="llava", options={"json_path": str(root / "data.json")})
     model = ModelConfig(encoder=_clip(towers), integrator=IntegratorSpec(name="mlp", options=LLAVA_MLP),
                         llm=LLMSpec(name=str(tiny_llm_dir), device="cpu"), max_length=512)
     run = RunConfig(name="card", model=model, stages=[StageSpec(name="align", epochs=1.0)], data=data, eval_data=data,
                     training=TrainingSpec(batch_size=2, log_every=1, warmup_ratio=0.0, cache_features=False))
-    run_dir = tmp_path / "runs" / "card-run"
-    run_dir.mkdir(parents=True)
-    save_run_config(run, run_dir / "run.yaml")
-    assert Trainer(load_run_config(run_dir / "run.yaml"), run_dir).train()["status"] == "completed"
-    options = json.dumps({"json_path": str(tmp_path / "data.json")})
+    registry = RunRegistry(root / "runs")
+    run_id = registry.create(run)
+    assert Trainer(registry.config(run_id), registry.run_dir(run_id)).train()["status"] == "completed"
+    return registry, run_id, root / "data.json"
+
+
+def test_model_card_carries_the_runs_evaluations_and_baseline(trained_run, capsys):
+    from workbench.cli import main
+
+    registry, run_id, data_json = trained_run
+    run_dir = registry.run_dir(run_id)
+    options = json.dumps({"json_path": str(data_json)})
     assert main(["eval", str(run_dir), "--data", "llava", "--options", options, "--split", "", "--text-only"]) == 0
     capsys.readouterr()
     assert (run_dir / "eval-llava-vqa-text-only.json").is_file()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluation = [r for r in metrics if r["kind"] == "eval"][-1]
     # a text-only baseline: the same recipe trained without images, a sibling run (its own numbers)
-    baseline_dir = tmp_path / "runs" / "card-text-only"
+    baseline_dir = run_dir.parent / "card-text-only"
     baseline_dir.mkdir()
-    base = copy.deepcopy(run)
+    base = copy.deepcopy(registry.config(run_id))
     base.text_only, base.stages[0].llm = True, "full"
     save_run_config(base, baseline_dir / "run.yaml")
     with open(baseline_dir / "metrics.jsonl", "w") as fh:
         fh.write(json.dumps({"time": 0, "kind": "eval", "stage": 0, "step": 2, "accuracy": 0.3125,
                              "by_type": {"colour": 0.3125}, "count": 16}) + "\n")
 
-    result = export(run_dir, "hf-llava")
+    result = export(run_dir, "hf-llava", overwrite=True)
     assert result.path == run_dir / "export" / "hf-llava"
     card = (result.path / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
@@ -273,6 +283,21 @@ def test_model_card_carries_the_runs_evaluations_and_baseline(tiny_llm_dir, towe
     assert "Training time:" in card and "Hardware: cpu" in card and "llava" in meta["datasets"]
     assert "LlavaForConditionalGeneration.from_pretrained" in card and "## Intended use and limits" in card
     assert meta["workbench"]["parts"]["llm"]["licence"] == "unknown"  # a local folder without a card says so
+
+
+def test_the_apps_export_button(trained_run):
+    import gradio as gr
+
+    from test_app import app_module
+
+    registry, run_id, _ = trained_run
+    wb = app_module.Workbench(registry.root)
+    message, card = wb.export(run_id, "merged")
+    assert "Exported **merged**" in message and card.lstrip().startswith("# card") and "## Evaluation" in card
+    message, card = wb.export(run_id, "workbench")
+    assert f"{run_id}-model.zip" in message and "Load it" in card
+    with pytest.raises(gr.Error, match="Pick a run"):
+        wb.export("", "hf-llava")
 
 
 def test_card_licences_of_named_parts():
