@@ -174,6 +174,13 @@ def test_blocked_by_an_unmergeable_adapter_and_an_in_llm_integrator(tiny_llm_dir
         export(saved, "merged", tmp_path / "merged")
 
 
+def test_blocked_after_loading_by_what_only_the_weights_tell(tiny_llm_dir, towers, tmp_path):
+    saved = _model(tiny_llm_dir, _clip(towers, image_size=48)).save_pretrained(tmp_path / "saved")
+    with pytest.raises(HFLlavaBlocked, match="encoder.image_size 48 differs from the tower's 32") as info:
+        export(saved, "hf-llava", tmp_path / "llava")
+    assert len(info.value.reasons) == 1 and "--format merged" in str(info.value)
+
+
 # ---------------------------------------------------------------- merged and workbench formats
 
 def test_merged_reloads_through_workbench_without_peft(tiny_llm_dir, tiny_config, tmp_path, example_image):

@@ -114,6 +114,44 @@ def hf_llava_blockers(model) -> list[str]:
     return reasons
 
 
+def config_blockers(config) -> list[str]:
+    """The reasons visible in a model config alone (no weights loaded): what `export` refuses at once. Loading the
+    model then checks the rest (the tower's type and resolution, the LLM's architecture, open_clip variants)."""
+    from .encoders import ENCODERS
+    from .integrators import INTEGRATORS
+
+    reasons = []
+    enc = config.encoder
+    if enc.name in ENCODERS and ENCODERS.info(enc.name).get("backend") == "torchvision":
+        what = f"encoder '{enc.name}'" + (f" ({enc.model})" if enc.model else "")
+        reasons.append(f"{what} is not a ViT that transformers' LLaVA can hold (it needs a CLIP or SigLIP vision "
+                       f"tower: train with encoder clip, siglip or an open_clip ViT)")
+    spec, options = config.integrator, config.integrator.options
+    if spec.name != "mlp":
+        info = INTEGRATORS.info(spec.name) if spec.name in INTEGRATORS else {}
+        where = "adds modules inside the LLM's layers" if info.get("placement") == "in_llm" else \
+            f"is a {info.get('family', 'custom')} integrator"
+        reasons.append(f"integrator '{spec.name}' {where}, which LlavaForConditionalGeneration has no place for "
+                       f"(its projector is LLaVA-1.5's 2-layer MLP): train with integrator mlp (depth 2, "
+                       f"input_norm: false, output_norm: false)")
+    else:
+        if options.get("input_norm", True) in (True, "layer"):
+            reasons.append("input LayerNorm in the projector has no place in LlavaMultiModalProjector: train with "
+                           "`input_norm: false`")
+        if options.get("output_norm", True):
+            reasons.append("output LayerNorm in the projector (visual tokens at the text scale) has no place in "
+                           "LlavaMultiModalProjector: train with `output_norm: false`")
+        depth = options.get("depth", 2)
+        if depth != 2:
+            reasons.append(f"the MLP projector has {depth} layer(s) (depth {depth}); LlavaMultiModalProjector has "
+                           f"exactly 2: train with `depth: 2`")
+    if config.peft.method not in MERGEABLE_PEFT:
+        reasons.append(f"PEFT method {config.peft.method} cannot be merged into the LLM's weights (it adds virtual "
+                       f"tokens or adaption prompts, which a plain transformers model has no place for): train with "
+                       f"lora, dora or ia3")
+    return reasons
+
+
 def _encoder_blockers(encoder, spec) -> list[str]:
     from .encoders.hf_vision import HFVisionEncoder
     from .encoders.open_clip_encoder import OpenCLIPEncoder
@@ -620,6 +658,13 @@ def export(source: str | Path, format: str = "hf-llava", out: str | Path | None 
     if format == "workbench":
         return _export_workbench(model_dir, out, facts, zip, overwrite)
     _check_out(out, overwrite)
+    if format == "hf-llava":
+        from .config import load_model_config
+
+        config = load_model_config(model_dir / "config.yaml")
+        reasons = config_blockers(config)
+        if reasons:  # refused at once, before loading any weights
+            raise HFLlavaBlocked(reasons, mergeable=config.peft.method in MERGEABLE_PEFT)
     model = load_for_export(model_dir, device)
     facts["parameters"] = model.parameter_report()
     if format == "hf-llava":
