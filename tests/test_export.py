@@ -204,6 +204,8 @@ def test_merged_reloads_through_workbench_without_peft(tiny_llm_dir, tiny_config
     assert not (result.path / "adapter").exists() and (result.path / "llm" / "config.json").is_file()
     saved_config = yaml.safe_load((result.path / "config.yaml").read_text())
     assert saved_config["peft"]["method"] == "none" and saved_config["llm"]["name"] == "./llm"
+    card = (result.path / "README.md").read_text()  # it names the parts the model was built from
+    assert f"| {tiny_llm_dir} |" in card and "lora r=8 alpha=16 (merged into the LLM)" in card
     moved = shutil.move(str(result.path), str(tmp_path / "elsewhere"))  # the parts travel with the folder
     reloaded = VisionLanguageModel.from_pretrained(moved).eval()
     assert not is_peft_model(reloaded.llm)

@@ -673,6 +673,7 @@ def export(source: str | Path, format: str = "hf-llava", out: str | Path | None 
             raise HFLlavaBlocked(reasons, mergeable=model.config.peft.method in MERGEABLE_PEFT)
     image = check_image(model.encoder.image_size)
     reference = workbench_reference(model, image) if verify else None
+    facts.setdefault("parts_config", copy.deepcopy(model.config))  # the card names the parts it was built from
     notes = merge_peft(model)
     staging = _staging(out)
     try:
@@ -708,6 +709,7 @@ def _write_hf_llava(model, staging: Path, reference: dict | None, image) -> tupl
 
 
 def _write_merged(model, staging: Path, reference: dict | None, image, facts: dict) -> tuple[dict | None, list[str]]:
+    from .config import to_dict
     from .encoders.hf_vision import HFVisionEncoder
     from .model import VisionLanguageModel
     from .peft_modules import base_llm
@@ -735,7 +737,8 @@ def _write_merged(model, staging: Path, reference: dict | None, image, facts: di
     if llm.generation_config is not None:
         llm.generation_config.save_pretrained(package / "llm")
     manifest = json.loads((package / "manifest.json").read_text())
-    manifest["export"] = {"format": "merged", "from": facts.get("model_dir"), "peft_merged": True}
+    manifest["export"] = {"format": "merged", "from": facts.get("model_dir"), "peft_merged": True,
+                          "parts": to_dict(facts["parts_config"])}
     (package / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for item in package.iterdir():  # model/* → staging/*
         item.rename(staging / item.name)
@@ -751,8 +754,9 @@ def _write_merged(model, staging: Path, reference: dict | None, image, facts: di
 
 def _export_workbench(model_dir: Path, out: Path, facts: dict, zip: bool, overwrite: bool) -> ExportResult:
     from .config import load_model_config
+    from .model import _resolve_inside
 
-    config = load_model_config(model_dir / "config.yaml")
+    config = _resolve_inside(load_model_config(model_dir / "config.yaml"), model_dir)
     if zip:
         out = out if out.name.endswith(".zip") else out.with_name(out.name + ".zip")
     _check_out(out, overwrite)
@@ -919,6 +923,13 @@ def describe_source(run_dir: Path | None, model_dir: Path, baseline: str | Path 
                              "evaluations": [], "baseline": None}
     manifest = json.loads((model_dir / "manifest.json").read_text()) if (model_dir / "manifest.json").is_file() else {}
     facts["saved_at"] = manifest.get("saved_at")
+    if isinstance(manifest.get("export", {}).get("parts"), dict):  # a merged export: the parts it came from
+        from .config import model_config_from_dict
+
+        try:
+            facts["parts_config"] = model_config_from_dict(manifest["export"]["parts"])
+        except ConfigError:
+            pass
     if run_dir is None:
         return facts
     run = load_run_config(run_dir / "run.yaml")
@@ -1016,7 +1027,9 @@ def _duration(seconds) -> str:
 
 def model_card(config, facts: dict[str, Any], format: str, check: dict | None = None,
                notes: list[str] | None = None) -> str:
-    """README.md with model-card metadata (YAML front matter) for an export of `config`'s model."""
+    """README.md with model-card metadata (YAML front matter) for an export of `config`'s model (its parts are
+    described as `facts["parts_config"]` names them when given: where a merged model came from)."""
+    config = facts.get("parts_config") or config
     parts = describe_parts(config)
     llm_licence = parts["llm"]["licence"].split(" ")[0]
     licences = {p["licence"] for p in parts.values() if "licence" in p and p["licence"] != "same as this model"}
