@@ -794,6 +794,7 @@ _LICENCES = {  # hub ids and names of the parts the workbench names (published l
     "google/siglip-base-patch16-224": "apache-2.0", "torchvision": "bsd-3-clause",
 }
 _DATA_LICENCES = {"easy-vqa": "mit", "emoji-captions": "cc-by-4.0"}
+_ASPECTS = {"pad": "padded with the mean colour", "crop": "centre-cropped", "resize": "squashed"}
 _TOY_FARM = "toy_farm"
 
 
@@ -1106,7 +1107,7 @@ def model_card(config, facts: dict[str, Any], format: str, check: dict | None = 
                      + (" — the text-only baseline (no images)" if facts.get("text_only") else "") + ".")
         lines += ["", "| stage | data | trains | lr | epochs / limit | samples |", "|---|---|---|---|---|---|"]
         for s in facts["stages"]:
-            limit = f"{s['epochs']:g} epochs" + (f", ≤{s['max_steps']} steps" if s["max_steps"] else "") + (
+            limit = f"{s['epochs']:g} epoch{'' if s['epochs'] == 1 else 's'}" + (f", ≤{s['max_steps']} steps" if s["max_steps"] else "") + (
                 f", ≤{s['max_minutes']:g} min" if s["max_minutes"] else "")
             lr = f"{s['lr']:g}" + (f" (LLM {s['lr_llm']:g})" if s["lr_llm"] else "")
             lines.append(f"| {s['name']} | {s['data']} | {', '.join(s['trains']) or '—'} | {lr} | {limit} | "
@@ -1159,8 +1160,10 @@ def model_card(config, facts: dict[str, Any], format: str, check: dict | None = 
               "- It can state wrong things fluently and can answer from the question alone rather than the picture "
               "(compare with the text-only baseline). It has no safety tuning beyond its LLM's own.",
               "- Do not use it for decisions about people, medical, legal or safety-critical matters.",
-              f"- Images are squared by {config.encoder.image_aspect} and seen at {parts['encoder']['source']}'s "
-              f"resolution; transparent pictures were composited on white in training."]
+              f"- Pictures are made square ({_ASPECTS.get(config.encoder.image_aspect, config.encoder.image_aspect)}) "
+              f"and resized to the encoder's "
+              + (f"{config.encoder.image_size} px" if config.encoder.image_size else "own resolution")
+              + "; transparent pictures were composited on white in training: do the same before asking."]
     for note in notes or []:
         lines.append(f"- Export note: {note}.")
     lines += ["", f"Exported {time.strftime('%Y-%m-%d %H:%M')} by the VLLM Workbench (`workbench export`)."]

@@ -331,6 +331,10 @@ def parse_request(body: Any, settings: ServeSettings, image_token: str) -> dict[
     if model is not None and model != settings.name:
         raise APIError(f"The model '{model}' does not exist here; this server serves '{settings.name}'",
                        status=404, param="model", code="model_not_found")
+    if body.get("n", 1) not in (1, None):
+        raise APIError("Only n=1 is supported", param="n", code="invalid_value")
+    if body.get("tools") or body.get("functions"):
+        raise APIError("Tools are not supported by this model", param="tools", code="invalid_value")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list of {role, content} objects", param="messages",
@@ -399,10 +403,6 @@ def parse_request(body: Any, settings: ServeSettings, image_token: str) -> dict[
     if settings.require_image and not images:
         raise APIError("This model answers questions about images: send at least one image_url part (a data URL)",
                        param="messages", code="image_required")
-    if body.get("n", 1) not in (1, None):
-        raise APIError("Only n=1 is supported", param="n", code="invalid_value")
-    if body.get("tools") or body.get("functions"):
-        raise APIError("Tools are not supported by this model", param="tools", code="invalid_value")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number({param: max_tokens}, param, settings.default_max_tokens, 1, settings.max_tokens,
