@@ -211,6 +211,25 @@ class Workbench:
             _fail(e)
         return f"deleted {run_id}"
 
+    def export(self, run_id, fmt):
+        """A finished run out of the workbench (workbench.export): where it went, and the model card it carries."""
+        if not run_id:
+            raise gr.Error("Pick a run to export")
+        try:
+            with self.cache.lock:  # one model in memory at a time on a small machine
+                path = frontend.export_model(self.registry, run_id, fmt)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        if path.is_dir():
+            card = (path / "README.md").read_text(encoding="utf-8")
+        else:
+            import zipfile
+
+            with zipfile.ZipFile(path) as zf:
+                card = zf.read("model/README.md").decode("utf-8")
+        body = card.split("---", 2)[2] if card.startswith("---") else card  # the YAML metadata stays in the file
+        return f"Exported **{fmt}** to `{path}`", body
+
     # ------------------------------------------------------------------ chat
     def check_image(self, path):
         """An uploaded or picked image, checked before anything uses it; the preview shows what will be sent."""
@@ -412,6 +431,17 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                 delete_pick = gr.Dropdown([], label="Run to delete")
                 delete_btn = gr.Button("Delete", variant="stop")
             deleted = gr.Textbox(label="", interactive=False)
+            with gr.Row():
+                export_pick = gr.Dropdown([], label="Run to export")
+                export_format = gr.Radio(["hf-llava", "merged", "workbench"], value="hf-llava", label="Format",
+                                         info="hf-llava: plain transformers (where the parts allow); merged: PEFT "
+                                              "merged, LLM as a transformers folder; workbench: the model as a zip")
+                export_btn = gr.Button("Export")
+            exported = gr.Markdown()
+            card = gr.Markdown(label="Model card")
+        export_btn.click(wb.export, [export_pick, export_format], [exported, card])
+        refresh.click(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
+        app.load(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
 
         with gr.Tab("Chat"):
             with gr.Row():

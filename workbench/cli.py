@@ -345,6 +345,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A run's model out of the workbench: hf-llava (plain transformers), merged, or workbench; with a model card."""
+    from .export import export
+
+    result = export(args.run, args.format, args.out, which=args.which, zip=args.zip, overwrite=args.force,
+                    verify=not args.no_verify, device=args.device, baseline=args.baseline,
+                    registry=_registry(args.runs) if args.runs else None)
+    print(f"exported {args.format} to {result.path}")
+    if result.check is not None:
+        print(f"checked: same greedy tokens as the workbench model: {'yes' if result.check['same_tokens'] else 'no'}; "
+              f"max |Δlogit| {result.check['max_abs_diff']:.2g}")
+    for note in result.notes:
+        print(f"  {note}")
+    print(f"model card: {result.path / 'README.md' if result.path.is_dir() else result.path}")
+    return 0
+
+
+def _registry(runs: str | None):
+    from .jobs import RunRegistry
+
+    return RunRegistry(runs)
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible /v1/chat/completions for a run's model (loopback unless an API key is set)."""
+    from .serve import ServeSettings, check_exposure, read_api_key, serve
+
+    api_key = read_api_key(args.api_key_file)
+    check_exposure(args.host, api_key)  # refuse before loading anything
+    settings = ServeSettings(api_key=api_key, allow_fetch=args.allow_fetch, require_image=not args.allow_text_only,
+                             max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
+    if args.name:
+        settings.name = args.name
+    serve(args.run, args.host, args.port, settings, registry=_registry(args.runs) if args.runs else None,
+          device=args.device, on_ready=lambda url: print(f"serving {settings.name} on {url} (OpenAI-compatible"
+                                                         f"{', API key required' if api_key else ''}); Ctrl-C stops",
+                                                         flush=True))
+    return 0
+
+
 def _add_override_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--integrator", help="use this integrator instead of the config's (workbench components integrators)")
     p.add_argument("--encoder", help="use this encoder instead of the config's")
@@ -433,6 +473,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=40)
     p.add_argument("--wait", type=float, default=0.0, help="cancel: seconds to wait for the checkpoint")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("export", help="a run's model as plain-transformers LLaVA (hf-llava), merged, or workbench")
+    p.add_argument("run", help="run id, run directory or saved model directory")
+    p.add_argument("--format", default="hf-llava", choices=["hf-llava", "merged", "workbench"],
+                   help="hf-llava: LlavaForConditionalGeneration + AutoProcessor where the parts allow; merged: "
+                        "workbench format with PEFT merged and the LLM as a transformers directory; workbench: as is")
+    p.add_argument("--out", help="output directory (default: RUN/export/FORMAT)")
+    p.add_argument("--zip", action="store_true", help="workbench format: one .zip file")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip loading the export back to compare it with the workbench model (large models)")
+    p.add_argument("--baseline", help="text-only run whose evaluation the model card shows beside this one's")
+    p.add_argument("--which", default="model", choices=["model", "best"])
+    p.add_argument("--device", default=None, help="where to load the model for the export (default: its config's)")
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions endpoint for a run's model")
+    p.add_argument("run", help="run id, run directory or saved model directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; others need an API key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", help="file holding the API key clients must send (or set WORKBENCH_API_KEY)")
+    p.add_argument("--name", help="the model id clients ask for (default: the run's id)")
+    p.add_argument("--allow-fetch", action="store_true", help="fetch http(s) image URLs (default: data URLs only)")
+    p.add_argument("--allow-text-only", action="store_true", help="accept conversations without an image")
+    p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens one request may ask for")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait (more get 429)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -10,7 +10,7 @@ no model logic of their own (the command line uses them too).
 - `watch_runs`: start queued background runs as slots free and report their progress until they end.
 - `run_summary` / `evaluate_runs` / `comparison_figure`: several finished runs side by side (accuracy by
   question type, trainable parameters, time, memory), for the paradigm and integrator comparisons.
-- `export_model`: a run's trained model as one zip file inside its run folder.
+- `export_model`: a run's trained model out of the workbench (zip by default; hf-llava, merged), via export.py.
 """
 from __future__ import annotations
 
@@ -415,16 +415,21 @@ def comparison_figure(rows: list[dict], label: str = "name", title: str = "Accur
     return fig
 
 
-def export_model(registry, run_id: str) -> Path:
-    """The run's trained model (its `model/` folder: config, trained weights, manifest) as one zip file,
-    written inside the run folder (`export/<run id>-model.zip`) so a run stays self-contained. Unzip it anywhere
-    and `VisionLanguageModel.from_pretrained(folder)` (or `workbench chat --model folder`) loads it."""
-    import shutil
+def export_model(registry, run_id: str, format: str = "workbench", out: str | Path | None = None,
+                 zip: bool | None = None, **options) -> Path:
+    """A run's trained model out of the workbench, through `workbench.export.export` (the one way to export; see
+    there for the formats, each with a model card). The default keeps what this function always did: the run's
+    `model/` folder as one zip file inside the run folder (`export/<run id>-model.zip`, holding `model/`); unzip it
+    anywhere and `VisionLanguageModel.from_pretrained(folder)` loads it. `format="hf-llava"` or `"merged"` write a
+    directory (default `export/<format>` in the run folder). An earlier export at the same place is replaced."""
+    from .export import export
 
     run_dir = registry.run_dir(run_id)
     model_dir = run_dir / "model"
     if not (model_dir / "config.yaml").is_file():
         raise ConfigError(f"Run {run_id} has no saved model yet (no {model_dir / 'config.yaml'}): wait until it ends")
-    target = run_dir / "export" / f"{run_id}-model"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.make_archive(str(target), "zip", root_dir=run_dir, base_dir="model"))
+    if zip is None:
+        zip = format == "workbench"
+    if out is None and format == "workbench":
+        out = run_dir / "export" / (f"{run_id}-model.zip" if zip else f"{run_id}-model")
+    return export(run_dir, format, out, registry=registry, zip=zip, overwrite=True, **options).path

@@ -96,7 +96,7 @@ class VisionLanguageModel(nn.Module):
         if manifest.get("format", FORMAT_NAME) != FORMAT_NAME or manifest.get("version", 1) > FORMAT_VERSION:
             raise ConfigError(f"{path} holds format {manifest.get('format')} v{manifest.get('version')}, "
                               f"which this workbench cannot read")
-        model = cls.from_config(load_model_config(path / "config.yaml"), device=device)
+        model = cls.from_config(_resolve_inside(load_model_config(path / "config.yaml"), path), device=device)
         model.load_trained_parts(path)
         model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
         return model
@@ -520,6 +520,16 @@ def is_checkpointing(llm: nn.Module) -> bool:
 def is_quantized(llm: nn.Module) -> bool:
     """Whether the LLM was loaded quantized (bitsandbytes, QLoRA)."""
     return getattr(base_llm(llm), "hf_quantizer", None) is not None
+
+
+def _resolve_inside(config: ModelConfig, path: Path) -> ModelConfig:
+    """Parts a saved directory carries inside itself (a `merged` export's `./llm/`, `./encoder/`) are named
+    relative to it, so the directory loads wherever it is moved."""
+    for spec, attr in ((config.llm, "name"), (config.encoder, "model")):
+        value = getattr(spec, attr)
+        if isinstance(value, str) and value.startswith("./") and (path / value).exists():
+            setattr(spec, attr, str((path / value).resolve()))
+    return config
 
 
 def _text_embedding_norm(llm: nn.Module) -> float:
