@@ -1,6 +1,7 @@
 """Background runs as real processes: finish, report true status after kill -9, cancel gracefully, resume."""
 import copy
 import json
+import math
 import os
 import signal
 import time
@@ -78,15 +79,40 @@ def test_cancel_is_graceful(tiny_config, llava_data, tmp_path):
         registry.get("nope")
 
 
+def _torchrun(run_dir, on_started=None, timeout=300):
+    """`torchrun --nproc_per_node 2 -m workbench.worker RUN_DIR` over gloo on loopback, as a multi-GPU run is
+    launched; fails the test on a hang (the whole process group is killed), returns (code, stdout, stderr)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "workbench.worker",
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        if on_started is not None:
+            on_started()
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: take the whole process group down, not just the launcher
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("the 2-process run hung:\n" + stdout[-2000:] + stderr[-2000:])
+    return proc.returncode, stdout, stderr
+
+
 def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp_path):
     """DDP over gloo on loopback, launched the way accelerate/torchrun launch a multi-GPU run.
 
     Some rows point at a truncated image (header fine, pixels cut): at batch size 1 a rank then has a
-    batch with nothing usable while the other trains, which must not desynchronise the processes.
+    batch with nothing usable while the other trains, which must not desynchronise the processes. The
+    learning rate follows one cosine over the run's updates (accelerate's prepared scheduler would step once
+    per process and reach zero halfway), and both processes leave the process group before exiting.
     """
-    import subprocess
-    import sys
-
     from PIL import Image
 
     truncated = tmp_path / "cut.png"
@@ -102,26 +128,53 @@ def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp
     run_dir = tmp_path / "ddp"
     run_dir.mkdir()
     save_run_config(_config(tiny_config, llava_data, epochs=1, batch_size=1), run_dir / "run.yaml")
-    import socket
-
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "workbench.worker",
-                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a hang: take the whole process group down, not just the launcher
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("the 2-process run hung:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    code, stdout, stderr = _torchrun(run_dir)
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
     stage = read_metrics(run_dir / "metrics.jsonl", "stage")
     assert len(stage) == 1  # one log, written by the main process only
     assert stage[0]["batches"] == 8  # 16 rows split over 2 processes, batch 1
     assert read_metrics(run_dir / "metrics.jsonl", "end")[0]["skipped"]["unreadable image"] >= 1
     assert (run_dir / "model" / "integrator.safetensors").is_file()
+    last = read_metrics(run_dir / "metrics.jsonl", "train")[-1]  # the cosine at this many of the run's updates
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * last["step"] / stage[0]["updates"]))
+    assert last["lr"] == pytest.approx(expected), (last, stage[0]["updates"])
+
+
+def test_two_processes_stop_together_on_a_time_budget_in_a_text_only_run(tiny_config, llava_data, tmp_path):
+    """The budget is decided on one clock for both processes; a text-only run never calls the integrator,
+    which DDP must accept (unused parameters)."""
+    from workbench.config import save_run_config
+    from workbench.training.metrics import read_metrics
+
+    run_dir = tmp_path / "budget"
+    run_dir.mkdir()
+    config = _config(tiny_config, llava_data, epochs=500, batch_size=1)
+    config.text_only = True
+    config.stages[0].llm, config.stages[0].max_minutes = "full", 0.1
+    save_run_config(config, run_dir / "run.yaml")
+    code, stdout, stderr = _torchrun(run_dir)
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
+    assert len(read_metrics(run_dir / "metrics.jsonl", "time_budget")) == 1
+    lrs = [r["lr"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] <= 0.05 * 1e-3, lrs  # annealed to ~0 by the deadline
+
+
+def test_two_processes_cancel_together(tiny_config, llava_data, tmp_path):
+    from workbench.config import save_run_config
+    from workbench.training.metrics import read_metrics
+
+    run_dir = tmp_path / "cancel"
+    run_dir.mkdir()
+    save_run_config(_config(tiny_config, llava_data, epochs=500, batch_size=1), run_dir / "run.yaml")
+
+    def cancel_once_training():
+        metrics = run_dir / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.is_file() and read_metrics(metrics, "train"), 180)
+        (run_dir / "CANCEL").touch()
+
+    code, stdout, stderr = _torchrun(run_dir, on_started=cancel_once_training)
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert json.loads((run_dir / "exit.json").read_text())["status"] == "cancelled"
+    assert latest_checkpoint(run_dir) is not None
