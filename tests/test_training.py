@@ -231,3 +231,24 @@ def test_every_integrator_family_trains_in_the_single_stage_recipe(name, tiny_co
     reloaded = VisionLanguageModel.from_pretrained(tmp_path / "run" / "model")
     for n, p in reloaded.integrator.named_parameters():
         assert torch.equal(p, dict(trainer.model.integrator.named_parameters())[n])
+
+
+def test_full_fine_tuning_of_a_bf16_llm_through_the_trainer_changes_its_weights(tiny_config, example_image, tmp_path):
+    """An LLM loaded in bf16 (dtype auto on CUDA) and fine-tuned at a small learning rate: the trainer keeps the
+    trained weights in fp32 under bf16 autocast, so the updates accumulate instead of rounding away."""
+    from workbench.model import VisionLanguageModel
+
+    run = _run(tiny_config, precision="bf16")
+    run.model.llm.dtype = "bfloat16"
+    run.stages = [StageSpec(name="instruct", llm="full", lr=1e-4, lr_llm=2e-5, epochs=2)]
+    model = VisionLanguageModel.from_config(run.model)
+    before = {n: p.detach().float().clone() for n, p in model.llm.named_parameters()}
+    result = Trainer(run, tmp_path / "run", model=model, datasets={"instruct": _dataset(example_image)}).train()
+    assert result["status"] == "completed"
+    trained = dict(model.llm.named_parameters())
+    assert {p.dtype for p in trained.values()} == {torch.float32}  # fp32 masters of what trained
+    used = [n for n in before if "embed_tokens" not in n]  # embedding rows of tokens never seen get no gradient
+    changed = sum((trained[n].detach() != before[n]).sum().item() for n in used)
+    total = sum(before[n].numel() for n in used)
+    assert changed / total > 0.9, changed / total
+    assert {p.dtype for p in model.encoder.parameters()} == {torch.bfloat16}  # frozen: stays as loaded
