@@ -132,9 +132,9 @@ def test_text_only_baseline_trains_without_images(tiny_config, example_image, tm
                       eval_dataset=_dataset(example_image, n=4))
     result = trainer.train()
     assert result["status"] == "completed" and result["skipped"] == {}  # the bad image is never opened
-    assert result["stages"][0]["eval"] >= 0.0
     evals = read_metrics(tmp_path / "t" / "metrics.jsonl", "eval")
     assert evals and evals[-1]["count"] == 4
+    assert result["stages"][0]["eval"] == evals[-1]["accuracy"] and 0.0 <= evals[-1]["accuracy"] <= 1.0
 
 
 def test_vqa_accuracy_normalisation():
