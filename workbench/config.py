@@ -1,7 +1,7 @@
 """Plain dataclass specs for every component; YAML round trip; validation with clear messages.
 
-Later issues extend this file with the run-level specs (paradigm, data, training); the model-level
-specs here are what `VisionLanguageModel` is built from and what a saved model directory records.
+The model-level specs are what `VisionLanguageModel` is built from and what a saved model directory records;
+the run-level specs (paradigm with its stages, data, training) are what a run folder records.
 """
 from __future__ import annotations
 

@@ -134,8 +134,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX): there bf16 autocast roughly halves a
-    training step (measured 2.1× on the embedded default); elsewhere bf16 is emulated and slower than fp32."""
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX): there bf16 autocast shortens a training
+    step (bench/train_throughput.py); elsewhere bf16 is emulated and slower than fp32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

@@ -1,6 +1,6 @@
 """The integrator seam: what every modality integrator receives, returns, and how it reaches the LLM.
 
-Two placements exist (see DESIGN.md):
+Two placements exist:
 - "prefix": the integrator turns encoder features into visual tokens that replace each `<image>`
   placeholder in the LLM's input embeddings (linear, MLP, Q-Former, resampler, C-Abstractor, pooling).
 - "in_llm": the integrator adds modules inside the LLM's layers (gated cross-attention, adapters,
@@ -68,9 +68,9 @@ def input_norm_layer(kind: bool | str, dim: int) -> nn.Module:
 class TextScaleNorm(nn.Module):
     """LayerNorm whose gain starts so that visual tokens have the L2 norm of the LLM's text embeddings.
 
-    Unnormalised projectors trained against a frozen LLM drift to huge token norms (measured: 228 vs
-    3.2 for SmolLM2's text embeddings after 300 steps), which swamp the residual stream and slow
-    learning. Pinning the scale at the text embeddings' keeps visual and text tokens comparable.
+    Unnormalised projectors trained against a frozen LLM drift to token norms far above the text
+    embeddings', which swamp the residual stream and slow learning. Pinning the scale at the text
+    embeddings' keeps visual and text tokens comparable.
     """
 
     def __init__(self, context: IntegratorContext):
