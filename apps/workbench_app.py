@@ -538,9 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --host/--share expose the workbench beyond this machine; set WORKBENCH_APP_AUTH=user:password "
               "or pass --auth-file", file=sys.stderr)
         return 2
+    from workbench.llm import limit_gpu_share
+
+    share = limit_gpu_share()  # chat, attention and evaluation leave the rest of the GPU to queued runs
     app = build_app(args.runs)
     app.queue(default_concurrency_limit=8)
-    print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else ""))
+    print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else "")
+          + (f"; it uses at most {share:.0%} of each GPU, training runs the rest" if share else ""))
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=True)  # messages only, no tracebacks
     return 0

@@ -454,6 +454,24 @@ def test_release_gpu_memory_empties_the_cuda_cache(monkeypatch):
     assert cuda.calls == [("empty_cache",)]
 
 
+def test_front_ends_take_a_stated_share_of_each_gpu(monkeypatch):
+    from workbench.errors import ConfigError
+    from workbench.llm import INTERACTIVE_GPU_SHARE, limit_gpu_share
+
+    cuda = FakeCuda(monkeypatch, count=2)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda share, device=None: cuda.calls.append(("share", share, device)))
+    monkeypatch.delenv("WORKBENCH_GPU_SHARE", raising=False)
+    assert limit_gpu_share() == INTERACTIVE_GPU_SHARE
+    assert cuda.calls == [("share", INTERACTIVE_GPU_SHARE, 0), ("share", INTERACTIVE_GPU_SHARE, 1)]
+    monkeypatch.setenv("WORKBENCH_GPU_SHARE", "0.5")
+    assert limit_gpu_share() == 0.5
+    with pytest.raises(ConfigError, match="GPU share"):
+        limit_gpu_share(1.5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert limit_gpu_share() is None  # nothing to share on a CPU
+
+
 def test_model_cache_gives_the_old_model_back(monkeypatch, tiny_model, tmp_path):
     import weakref
 

@@ -115,6 +115,30 @@ def training_precision(precision: str, device: torch.device | str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+INTERACTIVE_GPU_SHARE = 0.25
+"""Default share of each GPU that an interactive front end (app, notebook) may allocate for chat, attention and
+evaluation; the rest stays for queued training runs, whose memory estimate reads what is actually free."""
+
+
+def limit_gpu_share(share: float | None = None) -> float | None:
+    """Cap this process's CUDA allocations at `share` of every GPU (default $WORKBENCH_GPU_SHARE or
+    INTERACTIVE_GPU_SHARE), so a front end and the training queue share the GPU by a stated rule instead of
+    racing for it; returns the share set, or None without CUDA. A request past it is an out-of-memory error."""
+    import os
+
+    from .errors import ConfigError
+
+    if share is None:
+        share = float(os.environ.get("WORKBENCH_GPU_SHARE", INTERACTIVE_GPU_SHARE))
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"The GPU share must be in (0, 1], not {share}")
+    if not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(share, index)
+    return share
+
+
 def release_gpu_memory() -> None:
     """Give memory held by dropped models back: collect them now, then return the CUDA allocator's cached
     blocks, so other processes (a queued run, another user's chat) can use them."""
