@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -172,7 +171,7 @@ class Workbench:
                                                           ("memory MB", p["memory_mb"])) if v is not None)
         text = (f"**{run_id}**: {status}\n\n{bar}\n\nstage {p['stage'] or '—'}, step {p['step'] or 0} · {numbers}"
                 f"\n\nhistory: {frontend.history_text(p['history'])}")
-        evals = [[e["step"], round(e["accuracy"], 4), json.dumps(e["by_type"])] for e in p["evals"]]
+        evals = [[e["step"], f"{e['metric']} {e['score']:.4f}", json.dumps(e["by_type"])] for e in p["evals"]]
         curves = frontend.curves_figure({run_id: self.registry.run_dir(run_id)})
         return text, curves, evals, p["log"]
 
@@ -312,33 +311,30 @@ class Workbench:
     def evaluate(self, run_id, split, limit, baseline, progress=gr.Progress()):
         """Accuracy by question type beside a text-only baseline: a text-only run (trained without images) or,
         by default, the same model with the images withheld — how much the image actually adds."""
-        from workbench.data.easyvqa import load_easy_vqa
-        from workbench.evaluation import evaluate_vqa
+        from workbench.config import DataSpec
+        from workbench.evaluation import evaluate
 
         if not run_id:
             raise gr.Error("Pick a run")
+        data = DataSpec(kind="easy-vqa", options={"split": split})
         try:
-            data = load_easy_vqa(split).subset(int(limit), seed=0)
             progress(0, desc="evaluating")
-            started = time.time()
             with self.cache.lock:
                 model = self.cache.get(run_id)
-                total = next(r for r in model.parameter_report() if r["component"] == "total")
-                result = evaluate_vqa(model, data, batch_size=32)
-                seconds = time.time() - started
+                result = evaluate(model, data, limit=int(limit))
                 reference = None
                 if baseline and baseline != "none":
                     if baseline != WITHHELD:
                         model = self.cache.get(baseline)
-                    reference = evaluate_vqa(model, data, batch_size=32, text_only=True)
+                    reference = evaluate(model, data, limit=int(limit), text_only=True)
         except Exception as e:  # noqa: BLE001
             _fail(e)
         kinds = ["overall", *result["by_type"]]
         value = lambda r, k: r["accuracy"] if k == "overall" else r["by_type"].get(k, float("nan"))  # noqa: E731
         rows = [[k, f"{value(result, k):.4f}", "" if reference is None else f"{value(reference, k):.4f}"]
                 for k in kinds]
-        efficiency = (f"{result['count']} questions in {seconds:.0f} s ({result['count'] / seconds:.1f}/s) · "
-                      f"{total['trainable_pct']:.2f}% trainable ({total['trainable']:,} parameters)"
+        efficiency = (f"{result['count']} questions in {result['seconds']:.0f} s ({result['samples_per_s']:.1f}/s) · "
+                      f"{result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters)"
                       + ("" if reference is None else f" · baseline: {baseline}, without the images"))
         return rows, efficiency
 
@@ -410,7 +406,7 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
             launched = gr.Textbox(label="Status", interactive=False)
             progress_md = gr.Markdown()
             curves = gr.Plot(label="Loss, evaluation accuracy and learning rate")
-            evals = gr.Dataframe(headers=["step", "accuracy", "by type"], label="Evaluations", interactive=False)
+            evals = gr.Dataframe(headers=["step", "score", "by type"], label="Evaluations", interactive=False)
             log = gr.Code(label="Log tail", language=None)
             timer = gr.Timer(2.0)
         paradigm.change(lambda p: paradigms[p].get("explanation", ""), paradigm, explanation)

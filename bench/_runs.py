@@ -102,27 +102,13 @@ def seconds_per_step(rows: list[dict]) -> float:
 
 def evaluate(model_dir: Path, limit: int | None, text_only: bool = False, batch_size: int = 64) -> dict:
     """Accuracy of a saved model on the easy-VQA test split (all 9,673 questions unless `limit`)."""
-    import torch
+    from workbench.config import DataSpec
+    from workbench.evaluation import evaluate as evaluate_model
 
-    from workbench.data.easyvqa import load_easy_vqa
-    from workbench.evaluation import evaluate_vqa
-    from workbench.llm import autocast
-    from workbench.model import VisionLanguageModel
-
-    data = load_easy_vqa("test")
-    if limit:
-        data = data.subset(limit, seed=0)
-    model = VisionLanguageModel.from_pretrained(model_dir)
-    t0 = time.time()
-    with torch.inference_mode(), autocast(model.device, "auto"):
-        result = evaluate_vqa(model, data, batch_size=batch_size, text_only=text_only)
-    result["eval_s"] = time.time() - t0
+    result = evaluate_model(model_dir, DataSpec(kind="easy-vqa", options={"split": "test"}), "vqa",
+                            limit=limit or None, text_only=text_only, batch_size=batch_size, precision="auto")
+    result["eval_s"] = result["seconds"]
     result.pop("examples", None)
-    trainable = next(r for r in model.parameter_report() if r["component"] == "total")
-    result["trainable_params"] = trainable["trainable"]
-    result["trainable_pct"] = trainable["trainable_pct"]
-    result["visual_tokens"] = model.num_visual_tokens
-    del model
     return result
 
 

@@ -47,11 +47,18 @@ def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> fl
 
 
 def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
-    """Corpus CIDEr-D (0 … ~10); document frequencies come from the references themselves."""
+    """Corpus CIDEr-D (0 … ~10): the mean of `cider_d_scores`."""
+    scores = cider_d_scores(predictions, references, sigma)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def cider_d_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> list[float]:
+    """CIDEr-D of each prediction; document frequencies come from all the references, so a score depends on the
+    whole set (an n-gram every image's references share weighs nothing)."""
     refs_tok = [[tokenize(r) for r in refs] for refs in references]
     num_docs = len(refs_tok)
     if num_docs == 0:
-        return 0.0
+        return []
     df = [Counter() for _ in range(4)]
     for refs in refs_tok:
         for n in range(4):
@@ -80,4 +87,4 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sig
                     total += dot / (pnorm * rnorm) * math.exp(-((len(p) - len(r)) ** 2) / (2 * sigma ** 2))
             per_n.append(total / max(1, len(refs)))
         scores.append(10.0 * sum(per_n) / 4)
-    return sum(scores) / len(scores)
+    return scores

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import WorkbenchError
+from .evaluation import HEADLINE as EVAL_TASKS
 
 
 def _size(n: int) -> str:
@@ -188,7 +189,9 @@ class _ProgressBar:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", sps=f"{row['samples_per_s']:.1f}")
             self.bar.refresh()
         elif kind == "eval":
-            (self.bar.write if self.bar else print)(f"eval step {row['step']}: accuracy {row['accuracy']:.3f} {row['by_type']}")
+            metric = row.get("metric", "accuracy")  # the task's headline: accuracy, or CIDEr-D for captions
+            (self.bar.write if self.bar else print)(f"eval step {row['step']}: {metric} {row[metric]:.3f} "
+                                                    f"{row['by_type']}")
         elif kind == "end" and self.bar is not None:
             self.bar.close()
 
@@ -304,33 +307,20 @@ def cmd_attention(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data.loaders import load_dataset_spec
-    from .evaluation import evaluate_captions, evaluate_vqa
-    from .model import VisionLanguageModel
+    from .config import DataSpec
+    from .evaluation import evaluate
+    from .training.memory import peak_memory_mb
 
     target, model_dir = _model_dir(args.run, args.runs, args.which)
     options = dict(json.loads(args.options)) if args.options else {}
     if args.split:
         options["split"] = args.split
-    data = load_dataset_spec(args.data, **options)
-    if args.limit:
-        data = data.subset(args.limit, seed=0)
-    from .llm import autocast
-    from .training.memory import peak_memory_mb
-
-    model = VisionLanguageModel.from_pretrained(model_dir, device=args.device)
-    started = time.perf_counter()
-    with autocast(model.device, args.precision):
-        if args.task == "captions":
-            result = evaluate_captions(model, data, batch_size=args.batch_size)
-        else:
-            result = evaluate_vqa(model, data, batch_size=args.batch_size, text_only=args.text_only)
-    seconds = time.perf_counter() - started
-    trainable = next(r for r in model.parameter_report() if r["component"] == "total")
-    result.update(model=str(model_dir), data=args.data, seconds=seconds, samples_per_s=result["count"] / seconds,
-                  trainable_pct=trainable["trainable_pct"], trainable_params=trainable["trainable"],
-                  peak_memory_mb=peak_memory_mb(), precision=args.precision, device=str(model.device))
-    if args.task == "captions":
+    result = evaluate(model_dir, DataSpec(kind=args.data, options=options), args.task, limit=args.limit or None,
+                      text_only=args.text_only, batch_size=args.batch_size, precision=args.precision,
+                      device=args.device)
+    seconds = result["seconds"]
+    result.update(model=str(model_dir), data=args.data, peak_memory_mb=peak_memory_mb(), precision=args.precision)
+    if result["task"] == "captions":
         print(f"BLEU-4 {result['bleu4']:.4f}  CIDEr-D {result['cider']:.3f} on {result['count']} images ({seconds:.0f} s)")
     else:
         print(f"accuracy {result['accuracy']:.4f} on {result['count']} questions ({seconds:.0f} s)")
@@ -339,7 +329,7 @@ def cmd_eval(args) -> int:
     print(f"efficiency: {result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters), "
           f"{result['samples_per_s']:.1f} samples/s, {seconds:.0f} s wall, peak memory {result['peak_memory_mb']:.0f} MB "
           f"({result['device']}, {args.precision})")
-    out = target / f"eval-{args.data}-{args.task}{'-text-only' if args.text_only else ''}.json"
+    out = target / f"eval-{args.data}-{result['task']}{'-text-only' if args.text_only else ''}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"written to {out}")
     return 0
@@ -435,14 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="VQA accuracy of a run's model on a dataset (by question type)")
+    p = sub.add_parser("eval", help="a run's model on a dataset: VQA accuracy by question type, BLEU-4/CIDEr-D, "
+                                    "or multiple-choice accuracy")
     p.add_argument("run", help="run id, run directory or saved model directory")
     p.add_argument("--data", default="easy-vqa", help="dataset kind (easy-vqa, llava, captions, …)")
     p.add_argument("--split", default="test")
     p.add_argument("--options", help='extra loader options as JSON, e.g. \'{"json_path": "x.json"}\'')
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this size")
     p.add_argument("--which", default="model", choices=["model", "best"])
-    p.add_argument("--task", default="vqa", choices=["vqa", "captions"], help="VQA accuracy or BLEU-4/CIDEr-D")
+    p.add_argument("--task", choices=list(EVAL_TASKS),
+                   help="default: picked from the data (captions when samples carry a caption, multiple_choice when "
+                        "they carry choices, else vqa)")
     p.add_argument("--text-only", action="store_true", help="ask without the images (text-only baseline)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)

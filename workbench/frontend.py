@@ -205,8 +205,10 @@ def run_progress(registry, run_id: str, log_lines: int = 20) -> dict[str, Any]:
     return {"id": run_id, "status": row["status"], "reason": row.get("reason") or "",
             "stage": stages[-1]["name"] if stages else None, "step": last.get("step"), "fraction": fraction,
             "eta_s": eta, "loss": last.get("loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
-            "memory_mb": last.get("memory_mb"), "evals": [{k: e.get(k) for k in ("step", "accuracy", "by_type")}
-                                                          for e in evals],
+            "memory_mb": last.get("memory_mb"),
+            "evals": [{"step": e.get("step"), "metric": e.get("metric", "accuracy"),
+                       "score": e.get("score", e.get("accuracy")), "accuracy": e.get("accuracy"),
+                       "by_type": e.get("by_type")} for e in evals],
             "log": registry.log_tail(run_id, lines=log_lines), "history": registry.history(run_id)}
 
 
@@ -236,7 +238,7 @@ def curves_figure(runs: dict[str, str | Path]):
         path = Path(run_dir) / "metrics.jsonl"
         metrics = read_metrics(path) if path.is_file() else []
         train = [m for m in metrics if m["kind"] == "train"]
-        evals = [m for m in metrics if m["kind"] == "eval"]
+        evals = [m for m in metrics if m["kind"] == "eval" and "accuracy" in m]  # caption scores are not fractions
         steps = [m["step"] for m in train]
         fig.add_trace(go.Scatter(x=steps, y=[m["loss"] for m in train], name=f"{label} loss", mode="lines"), 1, 1)
         if evals:
@@ -363,37 +365,29 @@ def run_summary(registry, run_id: str) -> dict[str, Any]:
             "peak_mb": max([m.get("memory_mb") or 0.0 for m in train] or [0.0]) or None}
 
 
-def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_new_tokens: int = 6) -> list[dict]:
-    """Each finished run's saved model asked the same questions (`data`, a SampleDataset): its `run_summary` plus
-    accuracy overall and by question type, total parameters, trainable % and visual tokens per image. A
-    text-only run is asked without the images, as it was trained. Runs that did not complete get no accuracy."""
-    import torch
-
-    from .evaluation import evaluate_vqa
-    from .llm import autocast
-    from .model import VisionLanguageModel
+def evaluate_runs(registry, run_ids: list[str], data, batch_size: int = 32, max_new_tokens: int | None = None,
+                  task: str | None = None) -> list[dict]:
+    """Each finished run's saved model asked the same questions (`data`, a dataset) with `evaluation.evaluate`:
+    its `run_summary` plus the task's score (`accuracy` for questions) overall and by question type, total
+    parameters, trainable % and visual tokens per image. A text-only run is asked without the images, as it was
+    trained. Runs that did not complete get no score."""
+    from .evaluation import evaluate
 
     rows = []
     for run_id in run_ids:
         summary = run_summary(registry, run_id)
         model_dir = registry.run_dir(run_id) / "model"
         if summary["status"] != "completed" or not (model_dir / "config.yaml").is_file():
-            rows.append({**summary, "accuracy": None, "by_type": {}})
+            rows.append({**summary, "accuracy": None, "score": None, "by_type": {}})
             continue
-        model = VisionLanguageModel.from_pretrained(model_dir)
-        started = time.time()
-        with torch.inference_mode(), autocast(model.device, "auto"):
-            result = evaluate_vqa(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  text_only=summary["text_only"])
-        total = next(r for r in model.parameter_report() if r["component"] == "total")["total"]
+        result = evaluate(model_dir, data, task, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          text_only=summary["text_only"], precision="auto")
         pct = summary["trainable_pct"]  # runs logged before total_params was: from the saved model's size
-        if pct is None and summary["trainable_params"] and total:
-            pct = 100.0 * summary["trainable_params"] / total
-        rows.append({**summary, "accuracy": result["accuracy"], "by_type": result["by_type"], "count": result["count"],
-                     "examples": result["examples"], "eval_s": time.time() - started, "total_params": total,
-                     "trainable_pct": pct,
-                     "visual_tokens": 0 if summary["text_only"] else model.num_visual_tokens})
-        del model
+        if pct is None and summary["trainable_params"] and result["total_params"]:
+            pct = 100.0 * summary["trainable_params"] / result["total_params"]
+        rows.append({**summary, **{k: result[k] for k in ("task", "metric", "score", "by_type", "count", "examples",
+                                                          "total_params", "visual_tokens")},
+                     "accuracy": result.get("accuracy"), "eval_s": result["seconds"], "trainable_pct": pct})
         release_memory()
     return rows
 

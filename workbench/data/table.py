@@ -9,7 +9,7 @@ single-turn conversation about one image:
 
 `image` is relative to the CSV's folder. A row without a question becomes a caption request
 ("Describe the image briefly.") answered by `answer`. `question_type` and `split` (any other columns too)
-are kept in each sample's meta, so `evaluate_vqa` reports accuracy per question type. Bad rows (missing or
+are kept in each sample's meta, so `evaluation.evaluate` reports accuracy per question type. Bad rows (missing or
 unreadable image, empty answer, a malformed row) are skipped and counted, as every loader does;
 `table_to_llava` then writes only the good rows, with the report saying what was dropped.
 """

@@ -391,14 +391,17 @@ class Trainer:
         return self._eval_dataset
 
     def _evaluate(self, dataset, stage: int, step: int) -> float:
-        from ..evaluation import evaluate_vqa
+        """The task's headline score (accuracy for short answers, CIDEr-D for captions): what picks `best/` and
+        stops early, so a captioning stage is judged by its captions."""
+        from ..evaluation import evaluate
 
         with self.accelerator.autocast():  # evaluate in the precision the run trains in
-            result = evaluate_vqa(self.model, dataset, batch_size=self.run.training.batch_size * 2,
-                                  text_only=self.run.text_only)
-        self._log("eval", stage=stage, step=step, accuracy=result["accuracy"], by_type=result["by_type"],
-                  count=result["count"], examples=result["examples"][:3])
-        return result["accuracy"]
+            result = evaluate(self.model, dataset, batch_size=self.run.training.batch_size * 2,
+                              text_only=self.run.text_only)
+        metrics = {k: result[k] for k in ("accuracy", "bleu4", "cider") if k in result}
+        self._log("eval", stage=stage, step=step, task=result["task"], metric=result["metric"], score=result["score"],
+                  **metrics, by_type=result["by_type"], count=result["count"], examples=result["examples"][:3])
+        return result["score"]
 
     def _agree(self, *values: float) -> tuple[float, ...]:
         """The largest of each value over all processes (one small all-reduce): a flag is set everywhere when
