@@ -13,8 +13,9 @@ import random
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -140,8 +141,25 @@ class Trainer:
         return torch.optim.AdamW(groups, weight_decay=self.run.training.weight_decay)
 
     def _run_stage(self, index: int, stage: StageSpec, global_step: int, position: dict | None, state: dict | None):
-        from transformers import get_cosine_schedule_with_warmup
+        """Train one stage from its start or from a checkpoint's position; returns (global step, stage result)."""
+        s = self._start_stage(index, stage, global_step, position, state)
+        while s.done < s.total_batches:
+            order = _epoch_order(len(s.dataset), s.weights, self.run.training.seed + 1000 * index + s.epoch)
+            # Every process gets the same number of batches (DDP waits for all of them at each step).
+            world, rank = self.accelerator.num_processes, self.accelerator.process_index
+            batches = order[: len(order) - len(order) % world][rank::world].split(self.run.training.batch_size)
+            for b, idx in enumerate(batches):
+                if b < s.skip:
+                    continue
+                if s.done >= s.total_batches or not self._train_batch(s, b, idx, len(batches)):
+                    s.done = s.total_batches
+                    break
+            s.epoch, s.skip = s.epoch + 1, 0
+        return s.step, self._finish_stage(s)
 
+    def _start_stage(self, index: int, stage: StageSpec, global_step: int, position: dict | None,
+                     state: dict | None) -> "_Stage":
+        """What trains, the data, optimizer and schedule (restored when resuming), caches; logged as `stage`."""
         t = self.run.training
         trainable = self._apply_recipe(stage)
         self.model.upcast_trainable_()  # fp32 master weights: bf16 weights would round most updates away
@@ -150,30 +168,27 @@ class Trainer:
                               f"'{stage.name}' would train {len(trainable)}: refusing to resume with a different "
                               f"trainable set")
         dataset = self._dataset(stage)
-        eval_dataset = self._eval_data(stage)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_epoch = math.ceil((len(dataset) // world) / t.batch_size)
+        per_epoch = math.ceil((len(dataset) // self.accelerator.num_processes) / t.batch_size)
         total_batches = stage.max_steps * t.grad_accum if stage.max_steps else math.ceil(per_epoch * stage.epochs)
         total_updates = max(1, total_batches // t.grad_accum)
         optimizer = self._optimizer(stage)
-        budget = stage.max_minutes * 60 if stage.max_minutes else None
-        stage_start = time.perf_counter() - (position.get("stage_seconds", 0.0) if position else 0.0)
-        self._stage_seconds = time.perf_counter() - stage_start  # the stage's clock, agreed by every process
-        warmup = int(t.warmup_ratio * total_updates)
-        if budget is None:
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_updates)
-        else:
-            scheduler = _budget_schedule(optimizer, t.warmup_ratio, total_updates,
-                                         lambda: self._stage_seconds / budget)
+        s = _Stage(index=index, spec=stage, dataset=dataset, eval_dataset=self._eval_data(stage), trainable=trainable,
+                   optimizer=optimizer, total_batches=total_batches, step=global_step,
+                   budget=stage.max_minutes * 60 if stage.max_minutes else None,
+                   started=time.perf_counter() - (position.get("stage_seconds", 0.0) if position else 0.0))
+        self._stage_seconds = s.seconds()  # the stage's clock, agreed by every process at each batch
+        s.scheduler = self._schedule(optimizer, total_updates, s.budget)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            s.scheduler.load_state_dict(state["scheduler"])
             restore_rng(state)
+        if position is not None:
+            s.epoch, s.skip, s.done = position["epoch"], position["batch"], position.get("stage_batches", 0)
         self._check_memory(dataset)
         # The scheduler is stepped here once per optimizer update, not prepared: accelerate's wrapper steps it once
         # per process, which would run the schedule `world` times too fast (the update count is per process).
-        model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        if self.run.training.cache_features and self.model.encoder.frozen and self.cache is None:
+        s.model, s.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if t.cache_features and self.model.encoder.frozen and self.cache is None:
             self.cache = FeatureCache(self.model.encoder)
         self.text_states = self._text_state_cache(index, dataset)
         self._log("stage", stage=index, name=stage.name, samples=len(dataset), batches=total_batches,
@@ -181,96 +196,101 @@ class Trainer:
                   trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in self.model.parameters()),
                   data_report=getattr(getattr(dataset, "report", None), "as_dict", lambda: {})())
-        epoch = position["epoch"] if position else 0
-        skip = position["batch"] if position else 0
-        done = position.get("stage_batches", 0) if position else 0
-        best, patience = -1.0, 0
-        window_loss, window_samples, window_start = [], 0, time.perf_counter()
-        norm = torch.tensor(float("nan"))  # until the first optimizer step
-        model.train()
-        weights = self._balance(stage, dataset)
-        while done < total_batches:
-            order = _epoch_order(len(dataset), weights, t.seed + 1000 * index + epoch)
-            # Every process gets the same number of batches (DDP waits for all of them at each step).
-            batches = order[: len(order) - len(order) % world][rank::world].split(t.batch_size)
-            for b, idx in enumerate(batches):
-                if b < skip:
-                    continue
-                if done >= total_batches:
-                    break
-                batch = self._batch([dataset[i] for i in idx.tolist()])
-                # Every process takes the same decision, or one leaves the loop while another waits in an
-                # all-reduce: stop if any was asked to, skip the step if any has nothing usable.
-                cancel, self._stage_seconds, unusable = self._agree(
-                    self._cancel or (self.dir / CANCEL_FILE).exists(), time.perf_counter() - stage_start,
-                    batch is None)
-                if cancel:
-                    self._checkpoint(index, global_step, epoch, b, done, trainable, optimizer, scheduler,
-                                     stage_seconds=time.perf_counter() - stage_start)
-                    raise Cancelled()
-                if budget is not None and self._stage_seconds >= budget:
-                    if window_loss:  # a short run still gets its curve and peak memory
-                        self._log_window(index, global_step, done, total_batches, epoch + b / max(1, len(batches)),
-                                         window_loss, window_samples, time.perf_counter() - window_start,
-                                         scheduler.get_last_lr()[0], norm)
-                    self._log("time_budget", stage=index, step=global_step, minutes=stage.max_minutes)
-                    done = total_batches
-                    break
-                done += 1
-                if unusable:
-                    continue
-                with self.accelerator.accumulate(model):
-                    loss = model(**batch, answer_logits_only=True, text_states=self.text_states).loss
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        norm = self.accelerator.clip_grad_norm_(
-                            [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
-                    optimizer.step()
-                    if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                window_loss.append(loss.item())
-                window_samples += batch["input_ids"].shape[0]
-                if not self.accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                if global_step % t.log_every == 0 or done == total_batches:
-                    self._log_window(index, global_step, done, total_batches, epoch + b / max(1, len(batches)),
-                                     window_loss, window_samples, time.perf_counter() - window_start,
-                                     scheduler.get_last_lr()[0], norm)
-                    window_loss, window_samples, window_start = [], 0, time.perf_counter()
-                if t.eval_every and global_step % t.eval_every == 0 and eval_dataset is not None:
-                    score = self._evaluate(eval_dataset, index, global_step)
-                    if score > best:
-                        best, patience = score, 0
-                        if self.accelerator.is_main_process:
-                            self.model.save_pretrained(self.dir / "best")
-                    else:
-                        patience += 1
-                    (stop,) = self._agree(bool(t.early_stopping_patience) and patience >= t.early_stopping_patience)
-                    if stop:
-                        self._log("early_stop", stage=index, step=global_step, best=best)
-                        done = total_batches
-                        break
-                if self._checkpoint_due(global_step):
-                    self._checkpoint(index, global_step, epoch, b + 1, done, trainable, optimizer, scheduler,
-                                     stage_seconds=time.perf_counter() - stage_start)
-            epoch, skip = epoch + 1, 0
+        s.model.train()
+        s.weights = self._balance(stage, dataset)
+        s.window_start = time.perf_counter()  # the first curve point's rate counts training, not the set-up
+        return s
+
+    def _schedule(self, optimizer, total_updates: int, budget: float | None):
+        """Warmup + cosine over the updates, or over the time budget's progress when the stage has one."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        warmup_ratio = self.run.training.warmup_ratio
+        if budget is None:
+            return get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * total_updates), total_updates)
+        return _budget_schedule(optimizer, warmup_ratio, total_updates, lambda: self._stage_seconds / budget)
+
+    def _train_batch(self, s: "_Stage", b: int, idx: torch.Tensor, epoch_batches: int) -> bool:
+        """One batch: stop on cancel (with a checkpoint) or on the time budget, else a step and what follows an
+        update (log, evaluation, checkpoint). False ends the stage."""
+        batch = self._batch([s.dataset[i] for i in idx.tolist()])
+        # Every process takes the same decision, or one leaves the loop while another waits in an all-reduce:
+        # stop if any was asked to, skip the step if any has nothing usable.
+        cancel, self._stage_seconds, unusable = self._agree(
+            self._cancel or (self.dir / CANCEL_FILE).exists(), s.seconds(), batch is None)
+        if cancel:
+            self._checkpoint(s, batch=b)
+            raise Cancelled()
+        if s.budget is not None and self._stage_seconds >= s.budget:
+            if s.window_loss:  # a short run still gets its curve and peak memory
+                self._log_window(s, s.epoch + b / max(1, epoch_batches))
+            self._log("time_budget", stage=s.index, step=s.step, minutes=s.spec.max_minutes)
+            return False
+        s.done += 1
+        if unusable:
+            return True
+        self._step(s, batch)
+        if not self.accelerator.sync_gradients:
+            return True
+        s.step += 1
+        t = self.run.training
+        if s.step % t.log_every == 0 or s.done == s.total_batches:
+            self._log_window(s, s.epoch + b / max(1, epoch_batches))
+        if t.eval_every and s.step % t.eval_every == 0 and s.eval_dataset is not None and self._early_stop(s):
+            return False
+        if self._checkpoint_due(s.step):
+            self._checkpoint(s, batch=b + 1)
+        return True
+
+    def _step(self, s: "_Stage", batch: dict) -> None:
+        """Forward, backward, clip, optimizer and schedule (once per update), under gradient accumulation."""
+        with self.accelerator.accumulate(s.model):
+            loss = s.model(**batch, answer_logits_only=True, text_states=self.text_states).loss
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                s.norm = self.accelerator.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], self.run.training.max_grad_norm)
+            s.optimizer.step()
+            if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+                s.scheduler.step()
+            s.optimizer.zero_grad()
+        s.window_loss.append(loss.item())
+        s.window_samples += batch["input_ids"].shape[0]
+
+    def _early_stop(self, s: "_Stage") -> bool:
+        """Evaluate; keep the best model in best/; true when every process agrees patience has run out."""
+        patience_limit = self.run.training.early_stopping_patience
+        score = self._evaluate(s.eval_dataset, s.index, s.step)
+        if score > s.best:
+            s.best, s.patience = score, 0
+            if self.accelerator.is_main_process:
+                self.model.save_pretrained(self.dir / "best")
+        else:
+            s.patience += 1
+        (stop,) = self._agree(bool(patience_limit) and s.patience >= patience_limit)
+        if stop:
+            self._log("early_stop", stage=s.index, step=s.step, best=s.best)
+        return bool(stop)
+
+    def _finish_stage(self, s: "_Stage") -> dict:
         if self.text_states is not None:
-            self._log("text_state_cache", stage=index, **self.text_states.summary())
-        result = {"stage": stage.name, "steps": global_step}
-        if eval_dataset is not None:
-            result["eval"] = self._evaluate(eval_dataset, index, global_step)
-        self._checkpoint(index + 1, global_step, 0, 0, 0, [], optimizer, scheduler, stage_done=True)
-        return global_step, result
+            self._log("text_state_cache", stage=s.index, **self.text_states.summary())
+        result = {"stage": s.spec.name, "steps": s.step}
+        if s.eval_dataset is not None:
+            result["eval"] = self._evaluate(s.eval_dataset, s.index, s.step)
+        self._checkpoint(s, stage_done=True)
+        return result
 
     # ------------------------------------------------------------------ helpers
-    def _log_window(self, stage, step, done, batches, epoch, losses, samples, elapsed, lr, norm) -> None:
+    def _log_window(self, s: "_Stage", epoch: float) -> None:
         """One `train` row for the optimizer steps since the last: mean loss, rate, memory (the curves' points)."""
-        self._log("train", stage=stage, step=step, batch=done, batches=batches, epoch=epoch,
-                  loss=sum(losses) / len(losses) if losses else float("nan"), lr=lr, grad_norm=float(norm),
-                  samples_per_s=samples / max(elapsed, 1e-9), memory_mb=peak_memory_mb(),
+        elapsed = time.perf_counter() - s.window_start
+        self._log("train", stage=s.index, step=s.step, batch=s.done, batches=s.total_batches, epoch=epoch,
+                  loss=sum(s.window_loss) / len(s.window_loss) if s.window_loss else float("nan"),
+                  lr=s.scheduler.get_last_lr()[0], grad_norm=float(s.norm),
+                  samples_per_s=s.window_samples / max(elapsed, 1e-9), memory_mb=peak_memory_mb(),
                   skipped=sum(self.skipped.values()))
+        s.window_loss, s.window_samples, s.window_start = [], 0, time.perf_counter()
 
     def _check_memory(self, dataset) -> None:
         """Log the estimate; turn on gradient checkpointing when it advises so; refuse (with the breakdown and
@@ -419,15 +439,20 @@ class Trainer:
         by_time = bool(t.save_every_minutes) and time.monotonic() - self._last_save >= 60 * t.save_every_minutes
         return by_steps or by_time
 
-    def _checkpoint(self, stage, step, epoch, batch, done, trainable, optimizer, scheduler, stage_done=False,
-                    stage_seconds: float = 0.0):
+    def _checkpoint(self, s: "_Stage", batch: int = 0, stage_done: bool = False) -> None:
+        """A checkpoint at batch `batch` of the current epoch, or (stage_done) at the start of the next stage."""
         self._last_save = time.monotonic()
         if not self.accelerator.is_main_process:
             return
-        info = {"stage": stage, "global_step": step, "epoch": epoch, "batch": batch, "stage_batches": done,
-                "trainable": trainable, "stage_done": stage_done, "time": time.time(), "stage_seconds": stage_seconds}
-        path = save_checkpoint(self.dir, self.model, optimizer, scheduler, info, self.run.training.keep_last)
-        self._log("checkpoint", path=path.name, step=step, stage=stage)
+        if stage_done:
+            info = {"stage": s.index + 1, "global_step": s.step, "epoch": 0, "batch": 0, "stage_batches": 0,
+                    "trainable": [], "stage_done": True, "time": time.time(), "stage_seconds": 0.0}
+        else:
+            info = {"stage": s.index, "global_step": s.step, "epoch": s.epoch, "batch": batch,
+                    "stage_batches": s.done, "trainable": s.trainable, "stage_done": False, "time": time.time(),
+                    "stage_seconds": s.seconds()}
+        path = save_checkpoint(self.dir, self.model, s.optimizer, s.scheduler, info, self.run.training.keep_last)
+        self._log("checkpoint", path=path.name, step=s.step, stage=info["stage"])
 
     def _precision(self) -> str:
         from ..llm import training_precision
@@ -444,6 +469,38 @@ class Trainer:
         row = self.metrics.write(kind, **values)
         if self.on_log is not None:
             self.on_log(row)
+
+
+@dataclass(eq=False)
+class _Stage:
+    """What one stage's loop carries from batch to batch; its position is what a checkpoint records."""
+
+    index: int
+    spec: StageSpec
+    dataset: Any
+    eval_dataset: Any
+    trainable: list[str]
+    optimizer: Any
+    total_batches: int
+    step: int
+    budget: float | None
+    started: float
+    """perf_counter() at the stage's (virtual) start: a resumed stage counts the seconds it already spent."""
+    scheduler: Any = None
+    model: Any = None
+    weights: torch.Tensor | None = None
+    epoch: int = 0
+    skip: int = 0
+    done: int = 0
+    best: float = -1.0
+    patience: int = 0
+    norm: torch.Tensor = field(default_factory=lambda: torch.tensor(float("nan")))  # until the first update
+    window_loss: list[float] = field(default_factory=list)
+    window_samples: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _epoch_order(n: int, weights: torch.Tensor | None, seed: int) -> torch.Tensor:
