@@ -284,26 +284,27 @@ def test_record_attention(name, tiny_config, example_image):
     assert rec
     ones = lambda t: torch.allclose(t.sum(-1), torch.ones(()), atol=1e-5)  # noqa: E731
     if name == "gated_xattn":
-        assert ones(rec["resampler"]) and rec["resampler"].shape[-2:] == (16, model.integrator.context.num_input_tokens)
+        latents = rec.latent_to_image[0]  # the resampler's one layer
+        assert ones(latents) and latents.shape[-2:] == (16, model.integrator.context.num_input_tokens)
         layers = model.integrator.block_layers
         for i in layers:
-            attn = rec[f"xattn_{i}"]
+            attn = rec.text_to_latent[i]
             assert attn.shape[:2] == (2, 4) and attn.shape[-1] == 16
             assert ones(attn[0]) and not attn[1].any()  # the text-only row attends to nothing
-            assert rec[f"gate_{i}"].shape == () and -1 < float(rec[f"gate_{i}"]) < 1
+            assert rec.gates[i].shape == () and -1 < float(rec.gates[i]) < 1
             alpha = model.integrator.blocks[str(i)].alpha_attn.detach()
-            assert float(rec[f"gate_{i}"]) == pytest.approx(float(torch.tanh(alpha)))
+            assert float(rec.gates[i]) == pytest.approx(float(torch.tanh(alpha)))
     elif name == "lavin_mma":
-        routes = [k for k in rec if k.startswith("route_")]
+        routes = list(rec.routes)
         assert len(routes) == 2 * len(model.integrator.adapted_layers)
         for k in routes:
-            assert rec[k].shape == (2, 2) and ones(rec[k])
-            assert not torch.allclose(rec[k][0], rec[k][1])  # image and text-only rows are routed differently
+            assert rec.routes[k].shape == (2, 2) and ones(rec.routes[k])
+            assert not torch.allclose(*rec.routes[k])  # image and text-only rows are routed differently
     else:
         heads = model.llm.config.num_attention_heads
         for i in model.integrator.adapted_layers:
-            assert rec[f"prompt_{i}"].shape[:2] == (2, heads) and rec[f"prompt_{i}"].shape[-1] == 10
-            assert ones(rec[f"prompt_{i}"]) and rec[f"gate_{i}"].shape == (heads,)
+            assert rec.text_to_prompt[i].shape[:2] == (2, heads) and rec.text_to_prompt[i].shape[-1] == 10
+            assert ones(rec.text_to_prompt[i]) and rec.gates[i].shape == (heads,)
     model.integrator.record_attention = False
 
 

@@ -36,7 +36,7 @@
   `media_marker=true` instead puts one learned marker token per image where the placeholder was.
 
 With `record_attention`, `last_attention` holds per adapted layer the query→prompt attention
-(B, heads, T, prompt_length) under f"prompt_{layer}" and the per-head gates (heads,) under f"gate_{layer}".
+(B, heads, T, prompt_length) in `text_to_prompt[layer]` and the per-head gates (heads,) in `gates[layer]`.
 """
 from __future__ import annotations
 
@@ -218,8 +218,8 @@ class LLaMAAdapter(InLLMIntegrator):
             probs = scores.softmax(dim=-1)
             out = (probs @ v.float()) * gate[None, :, None, None]
             if self.record_attention:
-                self.last_attention[f"prompt_{layer}"] = probs.detach()
-                self.last_attention[f"gate_{layer}"] = gate.detach()
+                self.last_attention.text_to_prompt[layer] = probs.detach()
+                self.last_attention.gates[layer] = gate.detach()
             y = merge_heads(out).to(output.dtype)
             delta = attn.o_proj(y) - attn.o_proj(y.new_zeros(1, 1, y.shape[-1]))  # o_proj's bias not added twice
             if slot in self.fusion_slots:
