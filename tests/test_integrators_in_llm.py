@@ -362,36 +362,41 @@ def test_trainable_fraction_on_a_smollm2_shaped_llm():
     assert len(built["lavin_mma"].adapters) == 60 and built["llama_adapter"].adapted_layers == list(range(22, 30))
 
 
-@pytest.mark.parametrize("options", [{"visual_grid": 1}, {"visual_grid": 2, "input_norm": "batch"},
-                                     {"fusion_rank": 8}, {"fusion_rank": 8, "fusion_layers": 1, "visual_grid": 1},
-                                     {"fusion_rank": 8, "fusion": "mlp"}])
-def test_llama_adapter_visual_tokens_and_bilinear_fusion(options, tiny_config, example_image, tmp_path):
-    """The image as matchable prompt tokens and the bilinear fusion term: exact at init, image-dependent once
-    trained, text-only rows untouched, cached decoding identical, saved and loaded."""
-    model = build(tiny_config, "llama_adapter", **options).eval()
-    image = model.prepare_batch([QA, TEXT_A], [[example_image], []])
-    assert torch.allclose(logits(model, image), plain_logits(model, image), atol=1e-5)
-    perturb(model.integrator)
-    with_image, plain = logits(model, image), plain_logits(model, image)
-    assert not torch.allclose(with_image[0], plain[0], atol=1e-3)
-    if options.get("fusion_rank"):  # a row without an image gets nothing from the fusion term
-        text_row = model.prepare_batch([TEXT_A], [[]])
-        before = logits(model, text_row)
-        with torch.no_grad():
-            for out in model.integrator.fusion_out:
-                out.weight.zero_()
-        assert torch.allclose(logits(model, text_row), before, atol=1e-6)
-        assert not torch.allclose(logits(model, image)[0], with_image[0], atol=1e-4)
-        perturb(model.integrator)
-    answer = model.generate(Q, [example_image], max_new_tokens=5)
-    assert answer == model.generate(Q, [example_image], max_new_tokens=5, use_cache=False)
-    model.save_pretrained(tmp_path / "m")
-    again = VisionLanguageModel.from_pretrained(tmp_path / "m").eval()
-    assert torch.allclose(logits(again, image), logits(model, image), atol=1e-4)
+# The fast easy-VQA recipe (examples/configs/fast_easyvqa.yaml) trains llama_adapter at its default options.
+# These losses were recorded with llama_adapter.py as it was before issue 16 removed its experiment options
+# (visual_grid, fusion_*, input_norm; commit 8f8c89c), for the setup below; the old and the new code were also
+# compared bit for bit then (initial weights, losses, logits, gradients, generation), here and on the embedded
+# recipe model. Re-record only after checking that code gives the new numbers too.
+RECORDED_LOSSES = [5.94895076751709, 5.882429599761963, 5.754145622253418, 5.642005920410156]
+RECORDED_KEYS = ["prompts", "gates", "visual_proj.0.weight", "visual_proj.0.bias", "visual_proj.1.weight",
+                 "visual_proj.1.bias"]
 
 
-def test_llama_adapter_option_checks(tiny_config):
-    with pytest.raises(ValueError, match="visual_grid"):
-        build(tiny_config, "llama_adapter", visual_grid=9)
-    with pytest.raises(ValueError, match="fusion_layers"):
-        build(tiny_config, "llama_adapter", fusion_rank=4, fusion_layers=5)
+def test_llama_adapter_trains_the_model_it_trained_before_its_options_were_removed(tiny_config, example_image):
+    """Seed, data and steps as when the losses were recorded: the recipe's integrator options, LoRA only in the
+    top layer as the recipe has it, an image row, a two-image row and a text-only row, four AdamW steps over the
+    integrator and the LoRA."""
+    config = copy.deepcopy(tiny_config)
+    config.integrator = IntegratorSpec(name="llama_adapter", options={"prompt_length": 10, "num_layers": 8})
+    config.peft = PeftSpec(method="lora", r=4, alpha=8, dropout=0.0, options={"layers_to_transform": [1]})
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(config)
+    assert list(model.integrator.state_dict()) == RECORDED_KEYS  # checkpoints saved before still load
+    two = [{"role": "user", "content": "<image> and <image>\nis there a circle in the image?"},
+           {"role": "assistant", "content": "yes"}]
+    batch = model.prepare_batch([QA, two, TEXT_A], [[example_image], [example_image] * 2, []])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in RECORDED_LOSSES:
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses == pytest.approx(RECORDED_LOSSES, rel=1e-5)
+
+
+def test_removed_llama_adapter_options_are_refused_by_name(tiny_config):
+    with pytest.raises(ConfigError, match="Unknown option 'visual_grid'.*Valid options: prompt_length, num_layers"):
+        build(tiny_config, "llama_adapter", visual_grid=1)
