@@ -284,26 +284,27 @@ def test_record_attention(name, tiny_config, example_image):
     assert rec
     ones = lambda t: torch.allclose(t.sum(-1), torch.ones(()), atol=1e-5)  # noqa: E731
     if name == "gated_xattn":
-        assert ones(rec["resampler"]) and rec["resampler"].shape[-2:] == (16, model.integrator.context.num_input_tokens)
+        latents = rec.latent_to_image[0]  # the resampler's one layer
+        assert ones(latents) and latents.shape[-2:] == (16, model.integrator.context.num_input_tokens)
         layers = model.integrator.block_layers
         for i in layers:
-            attn = rec[f"xattn_{i}"]
+            attn = rec.text_to_latent[i]
             assert attn.shape[:2] == (2, 4) and attn.shape[-1] == 16
             assert ones(attn[0]) and not attn[1].any()  # the text-only row attends to nothing
-            assert rec[f"gate_{i}"].shape == () and -1 < float(rec[f"gate_{i}"]) < 1
+            assert rec.gates[i].shape == () and -1 < float(rec.gates[i]) < 1
             alpha = model.integrator.blocks[str(i)].alpha_attn.detach()
-            assert float(rec[f"gate_{i}"]) == pytest.approx(float(torch.tanh(alpha)))
+            assert float(rec.gates[i]) == pytest.approx(float(torch.tanh(alpha)))
     elif name == "lavin_mma":
-        routes = [k for k in rec if k.startswith("route_")]
+        routes = list(rec.routes)
         assert len(routes) == 2 * len(model.integrator.adapted_layers)
         for k in routes:
-            assert rec[k].shape == (2, 2) and ones(rec[k])
-            assert not torch.allclose(rec[k][0], rec[k][1])  # image and text-only rows are routed differently
+            assert rec.routes[k].shape == (2, 2) and ones(rec.routes[k])
+            assert not torch.allclose(*rec.routes[k])  # image and text-only rows are routed differently
     else:
         heads = model.llm.config.num_attention_heads
         for i in model.integrator.adapted_layers:
-            assert rec[f"prompt_{i}"].shape[:2] == (2, heads) and rec[f"prompt_{i}"].shape[-1] == 10
-            assert ones(rec[f"prompt_{i}"]) and rec[f"gate_{i}"].shape == (heads,)
+            assert rec.text_to_prompt[i].shape[:2] == (2, heads) and rec.text_to_prompt[i].shape[-1] == 10
+            assert ones(rec.text_to_prompt[i]) and rec.gates[i].shape == (heads,)
     model.integrator.record_attention = False
 
 
@@ -361,36 +362,41 @@ def test_trainable_fraction_on_a_smollm2_shaped_llm():
     assert len(built["lavin_mma"].adapters) == 60 and built["llama_adapter"].adapted_layers == list(range(22, 30))
 
 
-@pytest.mark.parametrize("options", [{"visual_grid": 1}, {"visual_grid": 2, "input_norm": "batch"},
-                                     {"fusion_rank": 8}, {"fusion_rank": 8, "fusion_layers": 1, "visual_grid": 1},
-                                     {"fusion_rank": 8, "fusion": "mlp"}])
-def test_llama_adapter_visual_tokens_and_bilinear_fusion(options, tiny_config, example_image, tmp_path):
-    """The image as matchable prompt tokens and the bilinear fusion term: exact at init, image-dependent once
-    trained, text-only rows untouched, cached decoding identical, saved and loaded."""
-    model = build(tiny_config, "llama_adapter", **options).eval()
-    image = model.prepare_batch([QA, TEXT_A], [[example_image], []])
-    assert torch.allclose(logits(model, image), plain_logits(model, image), atol=1e-5)
-    perturb(model.integrator)
-    with_image, plain = logits(model, image), plain_logits(model, image)
-    assert not torch.allclose(with_image[0], plain[0], atol=1e-3)
-    if options.get("fusion_rank"):  # a row without an image gets nothing from the fusion term
-        text_row = model.prepare_batch([TEXT_A], [[]])
-        before = logits(model, text_row)
-        with torch.no_grad():
-            for out in model.integrator.fusion_out:
-                out.weight.zero_()
-        assert torch.allclose(logits(model, text_row), before, atol=1e-6)
-        assert not torch.allclose(logits(model, image)[0], with_image[0], atol=1e-4)
-        perturb(model.integrator)
-    answer = model.generate(Q, [example_image], max_new_tokens=5)
-    assert answer == model.generate(Q, [example_image], max_new_tokens=5, use_cache=False)
-    model.save_pretrained(tmp_path / "m")
-    again = VisionLanguageModel.from_pretrained(tmp_path / "m").eval()
-    assert torch.allclose(logits(again, image), logits(model, image), atol=1e-4)
+# The fast easy-VQA recipe (examples/configs/fast_easyvqa.yaml) trains llama_adapter at its default options.
+# These losses were recorded with llama_adapter.py as it was before issue 16 removed its experiment options
+# (visual_grid, fusion_*, input_norm; commit 8f8c89c), for the setup below; the old and the new code were also
+# compared bit for bit then (initial weights, losses, logits, gradients, generation), here and on the embedded
+# recipe model. Re-record only after checking that code gives the new numbers too.
+RECORDED_LOSSES = [5.94895076751709, 5.882429599761963, 5.754145622253418, 5.642005920410156]
+RECORDED_KEYS = ["prompts", "gates", "visual_proj.0.weight", "visual_proj.0.bias", "visual_proj.1.weight",
+                 "visual_proj.1.bias"]
 
 
-def test_llama_adapter_option_checks(tiny_config):
-    with pytest.raises(ValueError, match="visual_grid"):
-        build(tiny_config, "llama_adapter", visual_grid=9)
-    with pytest.raises(ValueError, match="fusion_layers"):
-        build(tiny_config, "llama_adapter", fusion_rank=4, fusion_layers=5)
+def test_llama_adapter_trains_the_model_it_trained_before_its_options_were_removed(tiny_config, example_image):
+    """Seed, data and steps as when the losses were recorded: the recipe's integrator options, LoRA only in the
+    top layer as the recipe has it, an image row, a two-image row and a text-only row, four AdamW steps over the
+    integrator and the LoRA."""
+    config = copy.deepcopy(tiny_config)
+    config.integrator = IntegratorSpec(name="llama_adapter", options={"prompt_length": 10, "num_layers": 8})
+    config.peft = PeftSpec(method="lora", r=4, alpha=8, dropout=0.0, options={"layers_to_transform": [1]})
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(config)
+    assert list(model.integrator.state_dict()) == RECORDED_KEYS  # checkpoints saved before still load
+    two = [{"role": "user", "content": "<image> and <image>\nis there a circle in the image?"},
+           {"role": "assistant", "content": "yes"}]
+    batch = model.prepare_batch([QA, two, TEXT_A], [[example_image], [example_image] * 2, []])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in RECORDED_LOSSES:
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses == pytest.approx(RECORDED_LOSSES, rel=1e-5)
+
+
+def test_removed_llama_adapter_options_are_refused_by_name(tiny_config):
+    with pytest.raises(ConfigError, match="Unknown option 'visual_grid'.*Valid options: prompt_length, num_layers"):
+        build(tiny_config, "llama_adapter", visual_grid=1)

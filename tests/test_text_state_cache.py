@@ -49,9 +49,8 @@ def test_the_cut_is_the_lowest_layer_that_trains_or_sees_the_image(tiny_config):
         handle.remove()
 
 
-@pytest.mark.parametrize("options", [{}, {"visual_grid": 2, "fusion_rank": 8}])
-def test_cached_states_give_the_same_loss_and_gradients(tiny_config, example_image, options):
-    model = _model(_config(tiny_config, **options)).train()
+def test_cached_states_give_the_same_loss_and_gradients(tiny_config, example_image):
+    model = _model(_config(tiny_config)).train()
     for p in model.integrator.parameters():  # off the zero init, so the image matters
         if not p.any():
             torch.nn.init.normal_(p, std=0.3)

@@ -8,6 +8,7 @@ One eager-attention pass over prompt + answer (chat and training keep their fuse
 - for gated cross-attention (Flamingo), the text→latent cross-attention of every block with its gate,
   composed with the resampler's latent→patch attention.
 Composing token→visual-token attention with visual-token→patch maps puts every view on image patches.
+What the integrator recorded is read by field from its `AttentionRecord` (integrators/base.py).
 
 A second, gradient-based view (`relevancy=True`) needs one backward pass: gradient-weighted attention
 relevancy (Chefer et al., 2021, as LVLM-Interpret uses) and |gradient · feature| on the encoder's patches,
@@ -138,7 +139,7 @@ def trace_attention(model, messages: list[dict], images: Sequence = (), answer: 
         with eager_attention(model.llm), _recording(model.integrator), torch.no_grad():
             features = model.encode_images(batch["pixel_values"]) if images else None
             out, inputs = model.run_llm(batch, features, output_attentions=True)
-            recorded = dict(model.integrator.last_attention)
+            recorded = _recorded_views(model)
             patch_maps = _patch_maps(model, len(images))
         trace = _build_trace(model, batch, inputs, out, recorded, patch_maps, images, answer)
         if relevancy:
@@ -158,6 +159,20 @@ def _patch_maps(model, num_images: int) -> list[torch.Tensor | None]:
     return list(maps)
 
 
+def _recorded_views(model) -> tuple[dict[int, torch.Tensor], dict[int, float], torch.Tensor | None]:
+    """What the trace keeps from the integrator's AttentionRecord: gated cross-attention's text→latent maps
+    (first row), every attention gate as its mean |value| per layer, and, to compose the text→latent maps with,
+    the latent→patch maps of the resampler layer whose latents the blocks read (its last)."""
+    record = model.integrator.last_attention
+    cross = {layer: a[0].float().cpu() for layer, a in record.text_to_latent.items()}
+    gates = {layer: float(g.float().abs().mean()) for layer, g in record.gates.items()}
+    latent_maps = None
+    if cross and record.latent_to_image:
+        last = record.latent_to_image[max(record.latent_to_image)]
+        latent_maps = _drop_cls(model, last.float().mean(dim=1).cpu())
+    return cross, gates, latent_maps
+
+
 def _answer_positions(labels: torch.Tensor) -> list[int]:
     from .data.prompting import IGNORE_INDEX
 
@@ -170,14 +185,7 @@ def _build_trace(model, batch, inputs, out, recorded, patch_maps, images, answer
     spans = inputs.image_spans[0]
     positions = _answer_positions(inputs.labels)
     labels = _token_labels(model, inputs, batch, spans)
-    cross, gates, latent_maps = {}, {}, None
-    for key, value in recorded.items():
-        if key.startswith("xattn_"):
-            cross[int(key.split("_")[1])] = value[0].float().cpu()
-        elif key.startswith("gate_") and key.count("_") == 1:  # attention gates (a value, or one per head)
-            gates[int(key.split("_")[1])] = float(value.float().abs().mean())
-    if "resampler" in recorded:
-        latent_maps = _drop_cls(model, recorded["resampler"].float().mean(dim=1).cpu())
+    cross, gates, latent_maps = recorded
     return AttentionTrace(tokens=labels, image_spans=list(spans), answer_positions=positions, answer=answer,
                           attentions=attentions, patch_maps=patch_maps, grid=tuple(model.encoder.grid),
                           images=[model.encoder.square_view(im) for im in images], cross=cross, gates=gates,

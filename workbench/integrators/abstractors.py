@@ -2,8 +2,8 @@
 image costs the LLM the same few tokens whatever the encoder's patch count (BLIP-2's Q-Former,
 Flamingo's Perceiver resampler).
 
-Both keep fp32 master weights and write their attention probabilities into `last_attention` when
-`record_attention` is on. Image-token positions are the encoder's token order: with a CLS token
+Both keep fp32 master weights and write their attention probabilities into `last_attention` (an
+`AttentionRecord`) when `record_attention` is on. Image-token positions are the encoder's token order: with a CLS token
 (`context.has_cls`) position 0 is CLS and positions 1.. are the grid patches row by row; without one,
 position p is grid patch p.
 """
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
+from .base import AttentionRecord, Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
 
 
 class _Attention(nn.Module):
@@ -100,7 +100,7 @@ class _AttentionAbstractor(Integrator):
     def patch_map(self) -> torch.Tensor | None:
         """(images, num_tokens, h·w): the recorded query→image cross-attention, averaged over heads and
         cross-attention layers, over the grid patches (a CLS column is dropped and rows renormalised)."""
-        maps = [v for k, v in self.last_attention.items() if k.startswith("cross_")]
+        maps = list(self.last_attention.latent_to_image.values())
         if not maps:
             return None
         m = torch.stack(maps).float().mean(dim=(0, 2))  # (layers, B, heads, Q, N) → (B, Q, N)
@@ -156,9 +156,9 @@ class QFormer(_AttentionAbstractor):
     BLIP-2's Q-Former is a post-norm BERT initialised from BERT-base; this one is pre-norm and trained
     from scratch, which is what a single-stage run on a small LLM can afford.
 
-    With `record_attention`, `last_attention[f"cross_{i}"]` holds block i's query→image-token
+    With `record_attention`, `last_attention.latent_to_image[i]` holds block i's query→image-token
     probabilities (B, heads, num_queries, N) (i = 0, k, 2k, …; rows sum to 1; position 0 is CLS when
-    the encoder keeps one) and `last_attention[f"self_{i}"]` its query→query probabilities.
+    the encoder keeps one) and `last_attention.latent_self[i]` its query→query probabilities.
     """
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
@@ -184,13 +184,13 @@ class QFormer(_AttentionAbstractor):
         q = self.queries.expand(features.shape[0], -1, -1)
         record = self.record_attention
         if record:
-            self.last_attention = {}
+            self.last_attention = AttentionRecord()
         for i, block in enumerate(self.blocks):
             q, self_probs, cross_probs = block(q, image, record)
             if record:
-                self.last_attention[f"self_{i}"] = self_probs.detach()
+                self.last_attention.latent_self[i] = self_probs.detach()
                 if cross_probs is not None:
-                    self.last_attention[f"cross_{i}"] = cross_probs.detach()
+                    self.last_attention.latent_to_image[i] = cross_probs.detach()
         return self._output(q)
 
 
@@ -227,9 +227,9 @@ class PerceiverResampler(_AttentionAbstractor):
     `num_latents` tokens for any input size. Flamingo uses 6 layers and 64 latents at the vision width;
     the defaults here are sized for a ~135M LLM.
 
-    With `record_attention`, `last_attention[f"cross_{i}"]` holds layer i's latent→image-token
+    With `record_attention`, `last_attention.latent_to_image[i]` holds layer i's latent→image-token
     attention (B, heads, num_latents, N) renormalised over the image tokens (rows sum to 1; position 0
-    is CLS when the encoder keeps one), and `last_attention[f"image_share_{i}"]` (B, heads, num_latents)
+    is CLS when the encoder keeps one), and `last_attention.image_share[i]` (B, heads, num_latents)
     the share of each latent's attention that went to the image rather than to the latents.
     """
 
@@ -251,12 +251,12 @@ class PerceiverResampler(_AttentionAbstractor):
         lat = self.latents.expand(features.shape[0], -1, -1)
         record = self.record_attention
         if record:
-            self.last_attention = {}
+            self.last_attention = AttentionRecord()
         for i, layer in enumerate(self.layers):
             lat, probs = layer(lat, media, record)
             if record:
                 image = probs[..., :N].detach()
                 share = image.sum(dim=-1)
-                self.last_attention[f"cross_{i}"] = image / share.unsqueeze(-1)
-                self.last_attention[f"image_share_{i}"] = share
+                self.last_attention.latent_to_image[i] = image / share.unsqueeze(-1)
+                self.last_attention.image_share[i] = share
         return self._output(lat)

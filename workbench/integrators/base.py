@@ -10,7 +10,7 @@ Two placements exist:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -33,6 +33,43 @@ class IntegratorContext:
     """The LLM's transformers config, for in-LLM integrators that need layer counts and heads."""
     text_embedding_norm: float | None = None
     """Mean L2 norm of the LLM's input embedding rows: the scale visual tokens should live at."""
+
+
+@dataclass(eq=False)
+class AttentionRecord:
+    """What an integrator's last recorded forward saw, for the attention views: one typed field per kind of
+    map, so a view asks for what it needs by name and an integrator cannot misspell a key it writes.
+
+    Integrators fill it only while `record_attention` is on; every tensor is detached. Encoder-token
+    positions follow the encoder's order (CLS first when the encoder keeps one, then the grid row by row).
+    A record is falsy while nothing is in it.
+    """
+
+    latent_to_image: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Learned queries/latents reading the image (Q-Former, Perceiver resampler, gated cross-attention's
+    resampler): layer → (images, heads, latents, N) attention over the encoder tokens, rows summing to 1."""
+    latent_self: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Q-Former: block → (images, heads, queries, queries) query→query self-attention."""
+    image_share: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Perceiver resampler: layer → (images, heads, latents) the share of each latent's attention that went to
+    the image rather than to the latents (`latent_to_image` is renormalised over the image alone)."""
+    text_to_latent: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Gated cross-attention: LLM layer → (B, heads, T, images·latents) text→latent attention (zeros on rows
+    without an image and on padded image slots)."""
+    text_to_prompt: dict[int, torch.Tensor] = field(default_factory=dict)
+    """LLaMA-Adapter: LLM layer → (B, heads, T, prompt_length) query→adaption-prompt attention."""
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    """LLM layer → how far the integrator's attention is let into the LLM there: a scalar tanh(alpha) for gated
+    cross-attention, one gate per head (heads,) for LLaMA-Adapter."""
+    routes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    """LaVIN: (LLM layer, "attn" or "mlp") → (B, 2) routing weights per row (column 0 visual, 1 textual)."""
+
+    def filled(self) -> dict[str, list]:
+        """The fields that hold something, each with its sorted keys (layers; (layer, position) for routes)."""
+        return {f.name: sorted(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
+
+    def __bool__(self) -> bool:
+        return bool(self.filled())
 
 
 class FeatureStandardizer(nn.BatchNorm1d):
@@ -95,7 +132,7 @@ class Integrator(nn.Module):
         self.record_attention = False
         """When True, attention-based integrators keep their latest attention maps in `last_attention`
         (the attention views turn them into maps over image patches); off in training and chat."""
-        self.last_attention: dict[str, torch.Tensor] = {}
+        self.last_attention = AttentionRecord()
 
     @property
     def num_tokens(self) -> int:

@@ -12,10 +12,10 @@
   image are left untouched.
 - In the sequence each `<image>` becomes ONE learned media-marker token (Flamingo's <image> tag).
 
-With `record_attention`, `last_attention` holds the resampler's latent→patch attention under "resampler"
-(num_images, heads, num_latents, N), and per block the text→visual attention under f"xattn_{layer}"
-(B, heads, T, V; zeros on rows without an image and for padded image slots) and the gate values
-tanh(alpha) under f"gate_{layer}_attn" / f"gate_{layer}_ffn" and f"gate_{layer}" (the attention gate).
+With `record_attention`, `last_attention` (an `AttentionRecord`) holds the resampler's latent→patch attention
+per resampler layer in `latent_to_image` (num_images, heads, num_latents, N), and per block the text→visual
+attention in `text_to_latent[layer]` (B, heads, T, V; zeros on rows without an image and for padded image
+slots) and its attention gate tanh(alpha_attn) in `gates[layer]`.
 """
 from __future__ import annotations
 
@@ -51,18 +51,20 @@ class LatentResampler(nn.Module):
             }))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The latents, and each layer's latent→token attention (M, heads, num_latents, N)."""
         x = self.input(features) + self.position
         lat = self.latents.expand(features.shape[0], -1, -1)
-        probs = None
+        maps = []
         for layer in self.layers:
             kv = layer["norm_kv"](x)
             k, v = layer["kv"](kv).chunk(2, dim=-1)
             q = layer["q"](layer["norm_q"](lat))
             out, probs = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+            maps.append(probs)
             lat = lat + layer["out"](merge_heads(out))
             lat = lat + layer["ffn"](lat)
-        return self.norm(lat), probs
+        return self.norm(lat), maps
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -133,9 +135,9 @@ class GatedCrossAttention(InLLMIntegrator):
             if groups is None:
                 return None
             rows, index, valid = groups
-            latents, probs = self.resampler(self.features())
+            latents, maps = self.resampler(self.features())
             if self.record_attention:
-                self.last_attention["resampler"] = probs.detach()
+                self.last_attention.latent_to_image.update((i, m.detach()) for i, m in enumerate(maps))
             R, n = index.shape
             L = latents.shape[1]
             visual = latents[index.clamp(min=0)].reshape(R, n * L, -1)
@@ -158,10 +160,8 @@ class GatedCrossAttention(InLLMIntegrator):
             if self.record_attention:
                 full = probs.new_zeros(hidden.shape[0], *probs.shape[1:])
                 full[rows] = probs.detach()
-                self.last_attention[f"xattn_{layer}"] = full
-                self.last_attention[f"gate_{layer}"] = torch.tanh(block.alpha_attn.detach()).reshape(())
-                self.last_attention[f"gate_{layer}_attn"] = self.last_attention[f"gate_{layer}"]
-                self.last_attention[f"gate_{layer}_ffn"] = torch.tanh(block.alpha_ffn.detach()).reshape(())
+                self.last_attention.text_to_latent[layer] = full
+                self.last_attention.gates[layer] = torch.tanh(block.alpha_attn.detach()).reshape(())
             return self.add_to_rows(hidden, rows, delta)
 
         return hook

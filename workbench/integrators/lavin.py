@@ -18,8 +18,8 @@
   mean hidden state) on purpose: with a KV cache a decode step sees one new token, so such a router would
   route cached and uncached generation differently, and it would see the padding.
 
-With `record_attention`, `last_attention` holds each adapter's routing weights (B, 2) under
-f"route_{layer}_{position}" (column 0 visual, column 1 textual).
+With `record_attention`, `last_attention.routes[(layer, position)]` holds each adapter's routing weights (B, 2)
+(column 0 visual, column 1 textual).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class LaVINAdapter(InLLMIntegrator):
             # runs also without images: text-only rows are routed by the text-only modality token
             weights = adapter.weights(self._modality_tokens(hidden.shape[0]))
             if self.record_attention:
-                self.last_attention[f"route_{layer}_{pos}"] = weights.detach()
+                self.last_attention.routes[layer, pos] = weights.detach()
             delta = adapter(self.to_modules(hidden), weights)
             return hidden + delta.to(device=hidden.device, dtype=hidden.dtype)
 
