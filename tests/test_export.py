@@ -242,8 +242,9 @@ def trained_run(tmp_path_factory, tiny_llm_dir, towers):
     from workbench.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("trained")
-    example = Path(__file__).resolve().parents[1] / "examples" / "images" / "red_circle.png"
-    rows = [{"id": str(i), "image": str(example), "meta": {"question_type": "colour"},
+    from conftest import image_beside
+
+    rows = [{"id": str(i), "image": image_beside(root), "meta": {"question_type": "colour"},
              "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
                                {"from": "gpt", "value": "red"}]} for i in range(4)]
     (root / "data.json").write_text(json.dumps(rows))
