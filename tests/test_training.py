@@ -8,6 +8,7 @@ import torch
 from workbench.config import DataSpec, RunConfig, StageSpec, TrainingSpec
 from workbench.data.samples import Sample, SampleDataset
 from workbench.errors import ConfigError
+from workbench.integrators import INTEGRATORS
 from workbench.paradigms import PARADIGMS, resolve_stages
 from workbench.training.checkpoint import latest_checkpoint, list_checkpoints
 from workbench.training.metrics import read_metrics
@@ -209,10 +210,11 @@ def test_a_time_budget_stops_the_stage_and_anneals_the_learning_rate(tiny_config
         RunConfig(stages=[StageSpec(max_minutes=0)]).validate()
 
 
-@pytest.mark.parametrize("name", ["gated_xattn", "lavin_mma", "llama_adapter", "qformer", "c_abstractor"])
+@pytest.mark.parametrize("name", INTEGRATORS.names())
 def test_every_integrator_family_trains_in_the_single_stage_recipe(name, tiny_config, example_image, tmp_path):
-    """The trainer treats in-LLM integrators like prefix ones: their modules learn, the frozen LLM does not,
-    and the saved model reloads with the trained modules in place."""
+    """Every registered family, at its default options on the tiny models: the trainer treats in-LLM integrators
+    like prefix ones, their modules learn, the frozen LLM does not, and the saved model reloads with the trained
+    modules in place."""
     from workbench.config import IntegratorSpec
     from workbench.model import VisionLanguageModel
 
