@@ -385,7 +385,7 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
 
         with gr.Tab("Data"):
             with gr.Row():
-                data_kind = gr.Dropdown([(_label(r), r["name"]) for r in cat["data"]], value="easy-vqa", label="Dataset")
+                data_kind = gr.Dropdown([r["name"] for r in cat["data"]], value="easy-vqa", label="Dataset")
                 data_options = gr.Textbox(json.dumps(DEFAULT_DATA_OPTIONS["easy-vqa"]), label="Loader options (JSON)")
             preview_btn = gr.Button("Preview")
             counts = gr.Markdown()

@@ -113,7 +113,7 @@ class _Repeats(Integrator):
 @pytest.mark.parametrize("cls, info, message", [
     (_Repeats, DECLARED, "placement is declared by the registration"),
     (_Plain, {k: v for k, v in DECLARED.items() if k != "family"}, "must declare family"),
-    (_Plain, {**DECLARED, "placement": "in_llm"}, "disagrees with the class"),
+    (_Plain, {**DECLARED, "placement": "in_llm"}, "but the class does not override attach"),
     (_Plain, {**DECLARED, "placement": "inside"}, "placement must be one of prefix, in_llm"),
     (_Plain, {**DECLARED, "paradigms": ["three-stage"]}, "unknown paradigm three-stage"),
 ])

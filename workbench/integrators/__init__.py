@@ -23,9 +23,10 @@ def _check_registration(name: str, cls: type, info: dict) -> None:
 
     if info["placement"] not in PLACEMENTS:
         raise ValueError(f"integrator '{name}': placement must be one of {', '.join(PLACEMENTS)}")
-    if (info["placement"] == "in_llm") != (cls.attach is not Integrator.attach):
-        raise ValueError(f"integrator '{name}': placement '{info['placement']}' disagrees with the class "
-                         f"({'it' if cls.attach is not Integrator.attach else 'it does not'} override attach)")
+    inside = cls.attach is not Integrator.attach
+    if (info["placement"] == "in_llm") != inside:
+        raise ValueError(f"integrator '{name}': placement '{info['placement']}', but the class "
+                         f"{'overrides' if inside else 'does not override'} attach (modules inside the LLM)")
     unknown = [p for p in info["paradigms"] if p not in PARADIGMS]
     if unknown:
         raise ValueError(f"integrator '{name}': unknown paradigm {unknown[0]}. Valid: {', '.join(PARADIGMS.names())}")
