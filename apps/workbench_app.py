@@ -24,16 +24,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from workbench import frontend  # noqa: E402
+from workbench.data.prompting import SHORT_ANSWER_SYSTEM_PROMPT  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "images"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "50mb"
 WITHHELD = "same model, images withheld"
-DATA_KINDS = ["easy-vqa", "emoji-captions", "llava", "captions", "hf"]
 DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-captions": {},
                         "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
-                        "captions": {"folder": "path/to/folder"}, "hf": {"name": "org/dataset", "split": "train"}}
+                        "captions": {"folder": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
+                        "hf": {"name": "org/dataset", "split": "train"}}
+"""Starting points for the loader options box; the kinds themselves come from the data registry."""
 
 
 def _fail(e: Exception):
@@ -71,7 +73,7 @@ class Workbench:
         if not isinstance(options, dict):
             raise gr.Error("Integrator options must be a JSON object, e.g. {\"num_queries\": 16}")
         config = ModelConfig(encoder=EncoderSpec(name=encoder), integrator=IntegratorSpec(name=integrator, options=options),
-                             llm=LLMSpec(name=llm), system_prompt="Answer the question about the image in one word.")
+                             llm=LLMSpec(name=llm), system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
         if peft != "none":
             config.peft = PeftSpec(method=peft)
         return config.validate()
@@ -303,9 +305,11 @@ class Workbench:
                f"{'all layers' if layers is None else f'layer {layers[0]}'}."
         if trace.gates:
             note += " Gates: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in sorted(trace.gates.items()))
+        heads = ["mean", "max", *map(str, range(trace.num_heads))]  # the traced model's own head count
         return (overlay_image(trace.images[0], amap), heatmap_figure(trace, token, method if method != "gradient" else
                                                                      method, head),
-                modality_share_figure(trace), prompt_attention_figure(trace, token, "attention", head, layers), note)
+                modality_share_figure(trace), prompt_attention_figure(trace, token, "attention", head, layers), note,
+                gr.update(choices=heads, value=str(head) if str(head) in heads else "mean"))
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, run_id, split, limit, baseline, progress=gr.Progress()):
@@ -377,7 +381,7 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
 
         with gr.Tab("Data"):
             with gr.Row():
-                data_kind = gr.Dropdown(DATA_KINDS, value="easy-vqa", label="Dataset")
+                data_kind = gr.Dropdown([r["name"] for r in cat["data"]], value="easy-vqa", label="Dataset")
                 data_options = gr.Textbox(json.dumps(DEFAULT_DATA_OPTIONS["easy-vqa"]), label="Loader options (JSON)")
             preview_btn = gr.Button("Preview")
             counts = gr.Markdown()
@@ -471,7 +475,8 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
             gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
             with gr.Row():
                 token = gr.Number(0, label="Answer token (0 = first, -1 = last)", precision=0)
-                head = gr.Dropdown(["mean", "max"] + [str(i) for i in range(32)], value="mean", label="Head")
+                head = gr.Dropdown(["mean", "max"], value="mean", label="Head",
+                                   info="single heads appear once an answer is explained: the model's own count")
                 method = gr.Dropdown(["attention", "rollout", "relevancy", "gradient"], value="attention", label="View")
                 layer = gr.Number(-1, label="Layer (-1 = all)", precision=0)
                 explain_btn = gr.Button("Explain", variant="primary")
@@ -483,7 +488,7 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                 share = gr.Plot(label="Image vs text attention per layer")
                 prompt_plot = gr.Plot(label="Prompt tokens the answer drew on")
         explain_btn.click(wb.explain, [source, chat_state, token, head, method, layer],
-                          [overlay_img, heatmap, share, prompt_plot, note])
+                          [overlay_img, heatmap, share, prompt_plot, note, head])
 
         with gr.Tab("Evaluate"):
             with gr.Row():

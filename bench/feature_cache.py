@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TARGET = 3.0
-SYSTEM = "Answer the question about the image in one word."
 
 
 def model_configs() -> dict[str, dict]:
+    from workbench.data.prompting import SHORT_ANSWER_SYSTEM_PROMPT as SYSTEM
+
     return {
         "embedded-default": {"encoder": {"name": "mobilenet_v2"},
                              "integrator": {"name": "mlp", "options": {"depth": 2}},
@@ -94,8 +95,8 @@ def main() -> int:
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     batches = args.batches or (2 if args.quick else 6)
-    names = args.rows or (["embedded-default"] if args.quick else list(model_configs()))
     C.setup_environment()
+    names = args.rows or (["embedded-default"] if args.quick else list(model_configs()))
 
     import torch
 

@@ -33,8 +33,6 @@ import _runs as R  # noqa: E402
 
 CONFIG = "examples/configs/direct_lora_easyvqa.yaml"
 BASELINE_CONFIG = CONFIG
-INTEGRATORS = ["linear", "mlp", "qformer", "resampler", "c_abstractor", "ldp", "avg_pool",
-               "gated_xattn", "lavin_mma", "llama_adapter"]
 MARGIN = 0.05  # "clearly beats the text-only baseline": at least 5 points of accuracy
 
 
@@ -90,8 +88,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.minutes, args.limit = 0.33, 200
-    names = args.only.split(",") if args.only else INTEGRATORS
     C.setup_environment()
+    from workbench.integrators import INTEGRATORS
+
+    names = args.only.split(",") if args.only else INTEGRATORS.names()  # every registered family, a new one too
     config = R.with_budget(R.read_yaml(C.REPO / CONFIG), args.minutes)
     baseline = R.with_budget(R.read_yaml(C.REPO / BASELINE_CONFIG), args.minutes, text_only=True)
     load = C.OtherLoad()
@@ -111,11 +111,9 @@ def main() -> int:
     floor = results[0]["accuracy"]
     headers = ["integrator", "family", "accuracy %", "yes/no %", "colour %", "shape %", "vs text-only (points)",
                "trainable params", "visual tokens", "s/step", "steps", "peak memory (MB)"]
-    from workbench.integrators import INTEGRATORS as REGISTRY
-
     table = []
     for r in sorted(results[1:], key=lambda r: -r["accuracy"]) + results[:1]:
-        family = "LoRA, no image" if r["name"] == "text-only" else REGISTRY.info(r["name"]).get("family", "")
+        family = "LoRA, no image" if r["name"] == "text-only" else INTEGRATORS.info(r["name"]).get("family", "")
         gain = "" if r["name"] == "text-only" else f"{100 * (r['accuracy'] - floor):+.1f}"
         table.append([r["name"], family, f"{100 * r['accuracy']:.2f}", *R.by_type(r), gain,
                       f"{r['trainable_params']:,}", "0" if r["name"] == "text-only" else str(r["visual_tokens"]), f"{r['s_per_step']:.2f}", str(r["steps"]),

@@ -41,11 +41,12 @@ def main() -> int:
 
     from workbench.config import ModelConfig, RunConfig, StageSpec, TrainingSpec
     from workbench.data.easyvqa import load_easy_vqa
+    from workbench.data.prompting import SHORT_ANSWER_SYSTEM_PROMPT
     from workbench.model import VisionLanguageModel
     from workbench.training.trainer import Trainer
 
     torch.manual_seed(0)
-    model_config = ModelConfig(system_prompt="Answer the question about the image in one word.")
+    model_config = ModelConfig(system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
     model = VisionLanguageModel.from_config(copy.deepcopy(model_config))
     initial = copy.deepcopy(model.integrator.state_dict())
     bs = args.batch_size

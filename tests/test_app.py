@@ -32,6 +32,12 @@ def wb(tmp_path):
     return app_module.Workbench(tmp_path / "runs")
 
 
+def dropdown_values(app: gr.Blocks, label: str) -> list:
+    """The values a dropdown of the built app offers."""
+    dropdown = next(b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.label == label)
+    return [value for _, value in dropdown.choices]
+
+
 def _drain(generator):
     out = None
     for out in generator:
@@ -96,8 +102,9 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
                                              5, 0.0, 1.0))
     assert history[-1]["role"] == "assistant" and history[-1]["content"] and cleared is None
     assert state["session"].model is None  # a session kept by a browser tab does not pin the model (GPU memory)
-    overlay, heatmap, share, prompt, note = wb.explain(run_id, state, 0, "mean", "attention", -1)
+    overlay, heatmap, share, prompt, note, heads = wb.explain(run_id, state, 0, "mean", "attention", -1)
     assert overlay.size[0] == overlay.size[1] and heatmap is not None and "Answer tokens" in note
+    assert heads["choices"] == ["mean", "max", "0", "1", "2", "3"]  # the tiny LLM's 4 heads, read from the trace
     overlay, *_ = wb.explain(run_id, state, -1, "max", "gradient", 0)
     assert overlay is not None
 
@@ -142,6 +149,11 @@ def test_the_app_serves_its_page_on_loopback(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     app = app_module.build_app(tmp_path / "runs")
+    from workbench.data import DATASETS
+    from workbench.integrators import INTEGRATORS
+
+    assert dropdown_values(app, "Dataset") == DATASETS.names()  # every registered data kind, image-table too
+    assert dropdown_values(app, "Modality integrator") == INTEGRATORS.names()
     app.queue()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -135,9 +135,10 @@ def test_components_lists_every_registry_and_costs_integrators(tiny_config_file,
     assert rows["qformer"]["visual_tokens"] == 32 and rows["gated_xattn"]["placement"] == "in_llm"
     assert main(["components"]) == 0
     out = capsys.readouterr().out
-    for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:"):
+    for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:", "data:"):
         assert heading in out
     assert "mobilenet_v2" in out and "smollm2-135m-instruct" in out and "lora" in out and "two-stage" in out
+    assert "image-table" in out
 
 
 def test_attention_writes_the_views(tiny_model, example_image, tmp_path, capsys):

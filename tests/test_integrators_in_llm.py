@@ -1,15 +1,13 @@
 """In-LLM integrators (gated_xattn, lavin_mma, llama_adapter): zero-init exactness, the generic hook
 mechanism on Llama / Qwen2 / Mistral, gradients, save/load, generation with the KV cache, LoRA, attention
-records, and the trainable fraction on a SmolLM2-135M-shaped LLM."""
+records, and the trainable fraction on a SmolLM2-135M-shaped LLM. The contract tests take every registered
+in-LLM family (`families()`), a new one included; what only one family does is checked by name."""
 import copy
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import workbench.integrators.gated_xattn  # noqa: F401  (registrations)
-import workbench.integrators.lavin  # noqa: F401
-import workbench.integrators.llama_adapter  # noqa: F401
 from workbench.config import IntegratorSpec, PeftSpec
 from workbench.errors import ConfigError
 from workbench.integrators import INTEGRATORS, IntegratorContext, build_integrator
@@ -17,7 +15,17 @@ from workbench.integrators.llm_layers import InLLMIntegrator
 from workbench.model import VisionLanguageModel
 from workbench.peft_modules import base_llm, peft_parameters
 
-NAMES = ["gated_xattn", "lavin_mma", "llama_adapter"]
+
+
+def families() -> list[str]:
+    """Every registered in-LLM family: what the contract tests below run on."""
+    return INTEGRATORS.names(placement="in_llm")
+
+
+NAMES = families()
+TEXT_ROWS_CHANGE = {"gated_xattn": False, "lavin_mma": True, "llama_adapter": True}
+"""Whether a family acts on rows without an image: gated cross-attention attends only to images; LaVIN's
+textual adapter path and LLaMA-Adapter's prompts act on every row."""
 Q = [{"role": "user", "content": "<image>\nwhat color is the shape?"}]
 QA = Q + [{"role": "assistant", "content": "red"}]
 TEXT = [{"role": "user", "content": "describe the quick brown fox ."}]
@@ -62,7 +70,7 @@ def logits(model, batch) -> torch.Tensor:
 def test_zero_init_is_exact_and_rows_without_images_are_untouched(name, tiny_config, example_image):
     model = build(tiny_config, name).eval()
     info = INTEGRATORS.info(name)
-    assert info["placement"] == "in_llm" == model.integrator.placement
+    assert info["placement"] == "in_llm" == model.integrator.placement and model.integrator.registry_name == name
     assert model.integrator.attached and model.integrator.llm_parameters() == []
     hooks = len(model.integrator._hooks)
     model.integrator.attach(base_llm(model.llm))  # idempotent: no second set of hooks
@@ -77,10 +85,10 @@ def test_zero_init_is_exact_and_rows_without_images_are_untouched(name, tiny_con
     perturb(model.integrator)
     with_image, plain = logits(model, image), plain_logits(model, image)
     assert not torch.allclose(with_image[0], plain[0], atol=1e-3)  # the image row now sees the image
-    if name == "gated_xattn":  # only image rows are cross-attended; text-only rows stay exactly the LLM's
+    if TEXT_ROWS_CHANGE.get(name) is False:  # only image rows are cross-attended; text-only rows stay the LLM's
         assert torch.allclose(with_image[1], plain[1], atol=1e-5)
         assert torch.allclose(logits(model, text), plain_logits(model, text), atol=1e-5)
-    else:  # LaVIN's textual path and LLaMA-Adapter's prompts act on text-only rows too
+    elif TEXT_ROWS_CHANGE.get(name):
         assert not torch.allclose(logits(model, text), plain_logits(model, text), atol=1e-3)
 
     model.integrator.detach()
@@ -134,7 +142,8 @@ def test_generic_mechanism_on_llama_qwen2_mistral(name, kind):
     perturb(integrator)
     changed = run()
     assert not torch.allclose(changed[0], reference[0], atol=1e-3)
-    assert torch.allclose(changed[1, 2:], reference[1, 2:], atol=1e-5) == (name == "gated_xattn")
+    if name in TEXT_ROWS_CHANGE:
+        assert torch.allclose(changed[1, 2:], reference[1, 2:], atol=1e-5) != TEXT_ROWS_CHANGE[name]
 
     # KV cache: decode steps see one token and the same per-row context as a full forward
     def generate(use_cache: bool):
@@ -299,8 +308,8 @@ def test_record_attention(name, tiny_config, example_image):
         assert len(routes) == 2 * len(model.integrator.adapted_layers)
         for k in routes:
             assert rec.routes[k].shape == (2, 2) and ones(rec.routes[k])
-            assert not torch.allclose(*rec.routes[k])  # image and text-only rows are routed differently
-    else:
+            assert not torch.allclose(rec.routes[k][0], rec.routes[k][1])  # image and text-only rows differ
+    elif name == "llama_adapter":
         heads = model.llm.config.num_attention_heads
         for i in model.integrator.adapted_layers:
             assert rec.text_to_prompt[i].shape[:2] == (2, heads) and rec.text_to_prompt[i].shape[-1] == 10
@@ -351,7 +360,7 @@ def test_trainable_fraction_on_a_smollm2_shaped_llm():
     context = IntegratorContext(vision_dim=1280, num_input_tokens=49, grid=(7, 7), has_cls=False, llm_hidden=576,
                                 llm_config=config)
     counts, built = {}, {}
-    for name in NAMES:
+    for name in ("gated_xattn", "lavin_mma", "llama_adapter"):
         with torch.device("meta"):
             built[name] = build_integrator(IntegratorSpec(name=name), context)
         assert isinstance(built[name], InLLMIntegrator)

@@ -384,6 +384,8 @@ def _add_override_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .frontend import KINDS
+
     parser = argparse.ArgumentParser(prog="workbench", description="The VLLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -397,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_override_options(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("components", help="the encoders, integrators, LLMs, PEFT methods and paradigms to pick from")
-    p.add_argument("kind", nargs="?", default="all", choices=["all", "encoders", "integrators", "llms", "peft", "paradigms"])
+    p = sub.add_parser("components", help="the encoders, integrators, LLMs, PEFT methods, paradigms and data kinds "
+                                          "to pick from")
+    p.add_argument("kind", nargs="?", default="all", choices=["all", *KINDS])
     p.add_argument("--for", dest="for_config", metavar="CONFIG",
                    help="cost each integrator (trainable parameters, visual tokens) for this config's encoder and LLM")
     p.add_argument("--json", action="store_true")

@@ -22,11 +22,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-KINDS = ("encoders", "integrators", "llms", "peft", "paradigms")
+KINDS = ("encoders", "integrators", "llms", "peft", "paradigms", "data")
 
 
 def catalog(kinds: tuple[str, ...] | list[str] = KINDS, model=None) -> dict[str, list[dict]]:
     """Registries with their metadata. With `model`, integrators are costed for its encoder + LLM."""
+    from .data import DATASETS
     from .encoders import ENCODERS
     from .integrators import integrator_catalog
     from .llm import LLMS
@@ -39,8 +40,8 @@ def catalog(kinds: tuple[str, ...] | list[str] = KINDS, model=None) -> dict[str,
             out[kind] = integrator_catalog(model.integrator.context if model is not None else None)
         elif kind == "peft":
             out[kind] = [{"name": m} for m in METHODS]
-        elif kind in ("encoders", "llms", "paradigms"):
-            registry = {"encoders": ENCODERS, "llms": LLMS, "paradigms": PARADIGMS}[kind]
+        elif kind in ("encoders", "llms", "paradigms", "data"):
+            registry = {"encoders": ENCODERS, "llms": LLMS, "paradigms": PARADIGMS, "data": DATASETS}[kind]
             out[kind] = [{"name": e.name, **{k: v for k, v in e.info.items()
                                              if isinstance(v, (str, int, float, bool, list))}}
                          for e in registry.entries()]
@@ -132,7 +133,7 @@ def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16,
 
     run = RunConfig(name=name or f"{paradigm}-{model.integrator.name}", model=model, paradigm=paradigm, data=data,
                     eval_data=eval_data, text_only=bool(text_only), stages=list(stages or []),
-                    training=TrainingSpec(batch_size=int(batch_size), eval_every=int(eval_every), eval_samples=128))
+                    training=TrainingSpec(batch_size=int(batch_size), eval_every=int(eval_every)))
     stages = resolve_stages(run)
     scale = float(lr) / stages[0].lr if lr and stages[0].lr else 1.0
     for s in stages:

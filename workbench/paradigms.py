@@ -75,14 +75,17 @@ def resolve_stages(run: RunConfig) -> list[StageSpec]:
             if s.llm == "peft":
                 s.llm = "frozen"
     if any(s.llm == "peft" for s in stages) and run.model.peft.method == "none":
+        from .integrators import INTEGRATORS
+        from .peft_modules import METHODS
+
         raise ConfigError(f"The {paradigm.title} paradigm trains lightweight modules inside the LLM: set "
-                          f"model.peft.method (lora, dora, ia3, prompt_tuning, prefix_tuning, adaption_prompt) or "
-                          f"use an integrator that lives inside the LLM (gated_xattn, lavin_mma, llama_adapter)")
+                          f"model.peft.method ({', '.join(m for m in METHODS if m != 'none')}) or use an integrator "
+                          f"that lives inside the LLM ({', '.join(INTEGRATORS.names(placement='in_llm'))})")
     return stages
 
 
 def _integrator_inside_llm(run: RunConfig) -> bool:
+    """Read from the integrator's registration: the placement is declared there once."""
     from .integrators import INTEGRATORS
 
-    name = run.model.integrator.name
-    return name in INTEGRATORS and INTEGRATORS.info(name).get("placement") == "in_llm"
+    return run.model.integrator.name in INTEGRATORS.names(placement="in_llm")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import ConfigError
+from .loaders import DATASETS
 from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset, image_path_inside, vqa_sample
 
 CAPTION_PROMPTS = (
@@ -57,6 +58,8 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield str(i), None
 
 
+@DATASETS.register("captions", offline=True, embedded=False,
+                   description="Your own images with captions.csv or captions.jsonl")
 def load_captions(folder_or_file: str | Path, on_error: str = "skip", prompts: Sequence[str] | None = None,
                   seed: int = 0, allow_absolute_paths: bool = False) -> SampleDataset:
     """Caption pairs from a folder holding captions.csv/.jsonl or from the file; images relative to it and

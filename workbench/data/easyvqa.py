@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..assets import asset_path
 from ..errors import ConfigError
+from .loaders import DATASETS
 from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -44,6 +45,8 @@ def _split_dir(split: str, root: str | Path | None) -> Path:
     return folder
 
 
+@DATASETS.register("easy-vqa", offline=True, embedded=True,
+                   description="easy-VQA: 64×64 shapes, yes/no, colour and shape questions (embedded)")
 def load_easy_vqa(split: str = "train", limit: int | None = None, seed: int = 0,
                   root: str | Path | None = None) -> SampleDataset:
     """easy-VQA questions as single-turn samples: "<image>\\n{question}" → "{answer}"."""

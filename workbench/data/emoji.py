@@ -16,6 +16,7 @@ from typing import Sequence
 from ..assets import asset_path
 from ..errors import ConfigError
 from .captions import CAPTION_PROMPTS
+from .loaders import DATASETS
 from .samples import BadRow, Sample, SampleDataset, build_dataset, vqa_sample
 
 NO_NAME = "no name"
@@ -58,6 +59,8 @@ def _is_flag(char: str) -> bool:
     return char.startswith("\U0001F3F4") and len(char) > 2 and all(0xE0020 <= ord(c) <= 0xE007F for c in char[1:])
 
 
+@DATASETS.register("emoji-captions", offline=True, embedded=True,
+                   description="Twemoji pictures captioned with their names (embedded)")
 def load_emoji_captions(limit: int | None = None, seed: int = 0, prompts: Sequence[str] | None = None,
                         root: str | Path | None = None) -> SampleDataset:
     """Each Twemoji PNG as user "<image>\\n{caption instruction}" → assistant "{emoji name}"."""

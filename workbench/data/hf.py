@@ -16,6 +16,7 @@ from ..errors import ConfigError, OfflineError
 from ..hub import is_offline, offline_message
 from .captions import CAPTION_PROMPTS
 from .prompting import normalize_messages
+from .loaders import DATASETS
 from .samples import (MALFORMED, MISSING_IMAGE, UNREADABLE_IMAGE, BadRow, Sample, SampleDataset, build_dataset,
                       vqa_sample)
 
@@ -64,6 +65,8 @@ def _image(value: Any) -> Any:
     return value
 
 
+@DATASETS.register("hf", offline=False, embedded=False,
+                   description="A Hugging Face hub dataset or a save_to_disk folder (needs `datasets`)")
 def load_hf_dataset(name_or_path: str, split: str = "train", image_column: str | None = "image",
                     question_column: str | None = None, answer_column: str | None = None,
                     caption_column: str | None = None, limit: int | None = None, on_error: str = "skip",

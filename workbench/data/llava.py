@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..errors import ConfigError
 from .prompting import normalize_messages
+from .loaders import DATASETS
 from .samples import MALFORMED, BadRow, Sample, SampleDataset, build_dataset, image_path_inside
 
 _TO_LLAVA = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -62,6 +63,8 @@ def _row_id(row: Any, index: int) -> str:
     return str(index)
 
 
+@DATASETS.register("llava", offline=True, embedded=False,
+                   description="Your own conversations in LLaVA JSON/JSONL with an image folder")
 def load_llava_json(json_path: str | Path, image_folder: str | Path | None = None,
                     on_error: str = "skip", allow_absolute_paths: bool = False) -> SampleDataset:
     """Load LLaVA-format rows; bad rows are skipped and counted, or raise with on_error="raise". Image paths

@@ -14,6 +14,10 @@ from ..errors import ConfigError
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 
+SHORT_ANSWER_SYSTEM_PROMPT = "Answer the question about the image in one word."
+"""The system prompt of the short-answer recipes (easy-VQA): the instruct LLMs' own defaults invite sentences,
+which the exact-match metric counts wrong. The example configs spell it out as their recipe value."""
+
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "system": "system", "model": "assistant"}
 

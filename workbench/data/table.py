@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .llava import save_llava_json
+from .loaders import DATASETS
 from .samples import (EMPTY_ANSWER, MALFORMED, BadRow, DataReport, Sample, SampleDataset, build_dataset,
                       image_path_inside, vqa_sample)
 
@@ -28,6 +29,8 @@ CAPTION_PROMPT = "Describe the image briefly."
 REQUIRED = ("image", "answer")
 
 
+@DATASETS.register("image-table", offline=True, embedded=False,
+                   description="Your own images with a CSV of image,question,answer rows")
 def load_image_table(csv_path: str | Path, split: str | None = None, on_error: str = "skip",
                      caption_prompt: str = CAPTION_PROMPT, allow_absolute_paths: bool = False) -> SampleDataset:
     """Samples from an image,question,answer CSV (images relative to it, inside its folder unless

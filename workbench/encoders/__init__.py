@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import EncoderSpec
-from ..registry import Registry
+from ..registry import Registry, discover
 from .base import VisionEncoder
 
 ENCODERS: Registry = Registry("encoder")
@@ -15,9 +15,6 @@ def build_encoder(spec: EncoderSpec) -> VisionEncoder:
     return encoder
 
 
-# Registration happens on import of each backend file.
-from . import torchvision_cnn  # noqa: E402,F401
-from . import open_clip_encoder  # noqa: E402,F401
-from . import hf_vision  # noqa: E402,F401
+discover(__name__, __path__)  # each backend file registers itself: adding one is adding the file
 
 __all__ = ["ENCODERS", "VisionEncoder", "build_encoder"]

@@ -1,15 +1,39 @@
 """Modality integrators behind one registry. Each registration carries metadata the front ends show:
-family, the model it follows, which paradigms it suits, and its placement (prefix or in_llm)."""
+family, the model it follows, which paradigms it suits, and its placement (prefix or in_llm).
+
+Adding a family is one file in this folder with an `@INTEGRATORS.register(...)` class: the folder is
+discovered on import, the registry stamps the declared name and metadata onto the class, and the CLI, the app,
+the paradigms, the contract tests and the benchmarks iterate the registry."""
 from __future__ import annotations
 
 import inspect
 
 from ..config import IntegratorSpec
 from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import Registry, discover
 from .base import Integrator, IntegratorContext
 
-INTEGRATORS: Registry = Registry("integrator")
+PLACEMENTS = ("prefix", "in_llm")
+
+
+def _check_registration(name: str, cls: type, info: dict) -> None:
+    """A family's declaration must agree with itself: the paradigms it names exist, and only a class that puts
+    modules inside the LLM (overrides `attach`) says it lives there."""
+    from ..paradigms import PARADIGMS
+
+    if info["placement"] not in PLACEMENTS:
+        raise ValueError(f"integrator '{name}': placement must be one of {', '.join(PLACEMENTS)}")
+    inside = cls.attach is not Integrator.attach
+    if (info["placement"] == "in_llm") != inside:
+        raise ValueError(f"integrator '{name}': placement '{info['placement']}', but the class "
+                         f"{'overrides' if inside else 'does not override'} attach (modules inside the LLM)")
+    unknown = [p for p in info["paradigms"] if p not in PARADIGMS]
+    if unknown:
+        raise ValueError(f"integrator '{name}': unknown paradigm {unknown[0]}. Valid: {', '.join(PARADIGMS.names())}")
+
+
+INTEGRATORS: Registry = Registry("integrator", required=("family", "follows", "paradigms", "placement", "description"),
+                                 check=_check_registration, stamp=True)
 
 
 def build_integrator(spec: IntegratorSpec, context: IntegratorContext) -> Integrator:
@@ -52,6 +76,6 @@ def integrator_catalog(context: IntegratorContext | None = None) -> list[dict]:
     return rows
 
 
-from . import abstractors, convolutional, dense, gated_xattn, lavin, llama_adapter  # noqa: E402,F401
+discover(__name__, __path__)
 
 __all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator", "integrator_catalog"]

@@ -109,9 +109,7 @@ class _AttentionAbstractor(Integrator):
         return m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def _image_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() != 3 or features.shape[1] != self.context.num_input_tokens:
-            raise ValueError(f"{type(self).__name__} was built for {self.context.num_input_tokens} encoder tokens "
-                             f"per image, got features of shape {tuple(features.shape)}")
+        self.check_features(features)
         x = self.image_proj(features)
         return x + self.position if self.position is not None else x
 

@@ -124,7 +124,9 @@ class TextScaleNorm(nn.Module):
 class Integrator(nn.Module):
     """Base class. Subclasses define `forward(features) -> (B, T, llm_hidden)` and `num_tokens`."""
 
-    placement: str = "prefix"
+    registry_name: str
+    placement: str
+    """Both stamped onto the class by `INTEGRATORS.register`, with the rest of its declaration."""
 
     def __init__(self, context: IntegratorContext):
         super().__init__()
@@ -141,6 +143,12 @@ class Integrator(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_features(self, features: torch.Tensor) -> None:
+        """Refuse features of another encoder shape with the numbers, before a matmul fails without them."""
+        if features.dim() != 3 or features.shape[1] != self.context.num_input_tokens:
+            raise ValueError(f"{type(self).__name__} was built for {self.context.num_input_tokens} encoder tokens "
+                             f"per image, got features of shape {tuple(features.shape)}")
 
     def patch_map(self) -> torch.Tensor | None:
         """How each visual token draws on the encoder's grid patches: (num_tokens, h·w), or per image of the

@@ -52,9 +52,7 @@ class _GridIntegrator(Integrator):
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(B, N, D) → (CLS (B, D) or None, patch tokens (B, h·w, D)), after the input norm."""
-        if features.dim() != 3 or features.shape[1] != self.context.num_input_tokens:
-            raise ValueError(f"{type(self).__name__} was built for {self.context.num_input_tokens} encoder tokens "
-                             f"per image, got features of shape {tuple(features.shape)}")
+        self.check_features(features)
         x = self.norm(features)
         if self.context.has_cls:
             return x[:, 0], x[:, 1:]

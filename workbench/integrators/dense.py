@@ -24,6 +24,7 @@ class _TokenProjector(Integrator):
         return self.context.num_input_tokens
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.check_features(features)
         return self.out_norm(self.proj(self.norm(features)))
 
     def patch_map(self) -> torch.Tensor:

@@ -96,8 +96,6 @@ class GatedCrossAttentionBlock(nn.Module):
                       description="Resampled visual latents read by tanh-gated (zero-init) cross-attention "
                                   "blocks before every k-th LLM layer; one media-marker token per image")
 class GatedCrossAttention(InLLMIntegrator):
-    registry_name = "gated_xattn"
-    placement = "in_llm"
     _needs = ()
 
     def __init__(self, context: IntegratorContext, num_latents: int = 16, every: int = 4, hidden_dim: int | None = None,

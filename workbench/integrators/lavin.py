@@ -66,8 +66,6 @@ class MixtureOfModalityAdapter(nn.Module):
                       description="Bottleneck-MLP visual tokens plus zero-init visual/textual bottleneck "
                                   "adapters in the LLM layers, mixed per row by a modality router")
 class LaVINAdapter(InLLMIntegrator):
-    registry_name = "lavin_mma"
-    placement = "in_llm"
     _needs = ("self_attn", "mlp")
 
     def __init__(self, context: IntegratorContext, bottleneck: int = 8, layers: str | int = "all",

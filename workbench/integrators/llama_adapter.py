@@ -40,8 +40,6 @@ from .llm_layers import HookSet, InLLMIntegrator, apply_rope, llm_shape, marker_
                       description="Zero-gated adaption prompts in the top LLM layers, with the projected global "
                                   "image feature added to every prompt")
 class LLaMAAdapter(InLLMIntegrator):
-    registry_name = "llama_adapter"
-    placement = "in_llm"
     _needs = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
     def __init__(self, context: IntegratorContext, prompt_length: int = 10, num_layers: int = 8,

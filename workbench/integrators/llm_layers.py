@@ -221,7 +221,6 @@ class InLLMIntegrator(Integrator):
     call through `image_rows(batch)`, `row_groups(batch)` and `derived(key, fn)`.
     """
 
-    placement = "in_llm"
     _needs: tuple[str, ...] = ("self_attn",)
 
     def __init__(self, context: IntegratorContext):
