@@ -1,6 +1,6 @@
 """Chat under load: 8 users ask the app at once, through its HTTP API, and every one gets an answer.
 
-Starts `apps/workbench_app.py` as `make run` does (its own process, loopback), then sends the Chat tab's
+Starts the app (`workbench.app`) as `make run` does (its own process, loopback), then sends the Chat tab's
 request (embedded default model, an example image, 32 new tokens) from 8 concurrent `gradio_client` sessions,
 side by side with one request alone. The model is shared under a lock, so requests queue on it: the measure is
 that all are answered and how long the last one waits.
@@ -64,7 +64,7 @@ def main() -> int:
         body = "\n".join([
             "## chat_load — concurrent chat requests through the app's HTTP API",
             "",
-            f"`apps/workbench_app.py` in its own process on loopback; {users} `gradio_client` sessions each send the "
+            f"the app (`workbench.app`) in its own process on loopback; {users} `gradio_client` sessions each send the "
             f"Chat tab's request at once (embedded default model, `examples/images/red_circle.png`, {tokens} new "
             "tokens, greedy), beside one request alone. The model is shared under a lock, so the requests queue "
             "on it; a ratio near 1.0 in the last row means the queue adds no overhead beyond serialising them.",

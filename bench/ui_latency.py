@@ -10,7 +10,6 @@ Run: .venv/bin/python bench/ui_latency.py [--quick]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -24,10 +23,9 @@ TARGET_S = 1.0
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("workbench_app", C.REPO / "apps" / "workbench_app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import workbench.app
+
+    return workbench.app
 
 
 def time_calls(fn, n: int, pause: float) -> list[float]:
@@ -80,7 +78,7 @@ def main() -> int:
         body = "\n".join([
             "## ui_latency — the app's status refresh while a run trains",
             "",
-            f"`apps/workbench_app.py`'s callbacks, called {n} times each: the Train tab's refresh (`Workbench.progress`: "
+            f"`workbench/app.py`'s callbacks, called {n} times each: the Train tab's refresh (`Workbench.progress`: "
             "status, metrics, curves figure, log tail — what its 2-second timer calls) and the Runs table, first with no "
             "run going, then while a real single-stage run of the embedded default trains in the background on the same "
             f"2 cores (status during the measurement: {still}).",

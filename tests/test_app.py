@@ -1,7 +1,6 @@
 """The Gradio app through its callbacks (the same functions the browser triggers), plus a served-page smoke test:
 build and describe, preview data, launch a background run and watch it finish, chat about an image, explain
 the answer, evaluate; bad input becomes a readable gr.Error; exposing the app needs credentials."""
-import importlib.util
 import json
 import socket
 import sys
@@ -16,15 +15,7 @@ from conftest import image_beside
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_app_module():
-    spec = importlib.util.spec_from_file_location("workbench_app", REPO / "apps" / "workbench_app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["workbench_app"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-app_module = _load_app_module()
+import workbench.app as app_module  # noqa: E402
 
 
 @pytest.fixture()
@@ -206,9 +197,9 @@ def test_progress_of_a_run_configured_by_its_paradigm_alone(tmp_path, tiny_confi
 def test_running_app_reports_an_app_that_dies_at_start(tmp_path, monkeypatch):
     from workbench import app_process
 
-    broken = tmp_path / "broken_app.py"
-    broken.write_text("import sys\nprint('cannot start: port taken')\nsys.exit(3)\n")
-    monkeypatch.setattr(app_process, "APP", broken)
+    (tmp_path / "broken_app.py").write_text("import sys\nprint('cannot start: port taken')\nsys.exit(3)\n")
+    monkeypatch.setattr(app_process, "APP_MODULE", "broken_app")
     with pytest.raises(RuntimeError, match=r"exit code 3\)[\s\S]*port taken"):
-        with app_process.running_app(tmp_path / "runs", log_path=tmp_path / "app.log", timeout=30):
+        with app_process.running_app(tmp_path / "runs", log_path=tmp_path / "app.log", timeout=30,
+                                     env={"PYTHONPATH": str(tmp_path)}):
             pass

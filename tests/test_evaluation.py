@@ -270,7 +270,7 @@ def test_every_front_end_calls_evaluate(fake_evaluate, tiny_model, tmp_path, mon
     assert fake_evaluate[-1]["model"] is tiny_model and logged[-1]["score"] == 0.5 and logged[-1]["step"] == 7
 
     # 4 and 5. the app's Evaluate tab: the model, and the same model with the images withheld
-    app = _load("workbench_app_eval_test", REPO / "apps" / "workbench_app.py")
+    app = _load("workbench_app_eval_test", REPO / "workbench" / "app.py")
     wb = app.Workbench(tmp_path / "runs")
     wb.cache = SimpleNamespace(lock=contextlib.nullcontext(), get=lambda run_id: tiny_model)
     before = len(fake_evaluate)

@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-APP = Path(__file__).resolve().parents[1] / "apps" / "workbench_app.py"
+REPO = Path(__file__).resolve().parents[1]
+APP_MODULE = "workbench.app"
 
 
 def free_port() -> int:
@@ -32,8 +33,8 @@ def running_app(runs_dir: str | Path, log_path: str | Path | None = None, env: d
     environment = {**os.environ, "WORKBENCH_OFFLINE": "1", **(env or {})}
     environment.pop("WORKBENCH_APP_AUTH", None)
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port), "--runs", str(runs_dir)], stdout=log,
-                            stderr=subprocess.STDOUT, env=environment, cwd=APP.parents[1], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", APP_MODULE, "--port", str(port), "--runs", str(runs_dir)],
+                            stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout

@@ -1,0 +1,553 @@
+"""The VLLM Workbench in the browser: build a model, look at data, train in the background, watch, chat, look inside.
+
+Layout and callbacks only: every number, model and figure comes from workbench's public API
+(`workbench.frontend`, `workbench.jobs`, `workbench.chat`, `workbench.attention`, `workbench.evaluation`).
+Training runs in its own process (the run registry), so closing the browser or restarting the app loses
+nothing: the Runs and Train views re-attach to whatever is in the registry.
+
+Run: .venv/bin/python -m workbench.app (or apps/workbench_app.py) [--host 127.0.0.1] [--port 7860] [--share] [--runs DIR]
+Binds to 127.0.0.1. Anything that exposes it (another --host, --share) requires a username and password
+(WORKBENCH_APP_AUTH="user:password", or --auth-file with one user:password line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from workbench import frontend
+from workbench.data.prompting import SHORT_ANSWER_SYSTEM_PROMPT
+from workbench.errors import WorkbenchError
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXAMPLES = REPO / "examples" / "images"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD = "50mb"
+WITHHELD = "same model, images withheld"
+DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-captions": {},
+                        "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
+                        "captions": {"folder": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
+                        "hf": {"name": "org/dataset", "split": "train"}}
+"""Starting points for the loader options box; the kinds themselves come from the data registry."""
+
+
+def _fail(e: Exception):
+    """A readable message in the UI, never a stack trace."""
+    if isinstance(e, gr.Error):
+        raise e
+    if isinstance(e, WorkbenchError):
+        raise gr.Error(str(e).splitlines()[0]) from None
+    raise gr.Error(f"Unexpected error ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _label(row: dict) -> str:
+    offline = row.get("offline")
+    return f"{row['name']}" + (" (offline)" if offline is True else " (needs hub)" if offline is False else "")
+
+
+class Workbench:
+    """The app's state: the run registry and the loaded model; every callback goes through here."""
+
+    def __init__(self, runs_dir: str | Path | None = None):
+        from workbench.jobs import RunRegistry
+
+        self.registry = RunRegistry(runs_dir)
+        self.cache = frontend.ModelCache(self.registry)
+        self.catalog = frontend.catalog()
+
+    # ------------------------------------------------------------------ build
+    def model_config(self, encoder: str, integrator: str, llm: str, peft: str, options_json: str):
+        from workbench.config import EncoderSpec, IntegratorSpec, LLMSpec, ModelConfig, PeftSpec
+
+        try:
+            options = json.loads(options_json or "{}")
+        except json.JSONDecodeError as e:
+            raise gr.Error(f"Integrator options are not valid JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(options, dict):
+            raise gr.Error("Integrator options must be a JSON object, e.g. {\"num_queries\": 16}")
+        config = ModelConfig(encoder=EncoderSpec(name=encoder), integrator=IntegratorSpec(name=integrator, options=options),
+                             llm=LLMSpec(name=llm), system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
+        if peft != "none":
+            config.peft = PeftSpec(method=peft)
+        return config.validate()
+
+    def describe(self, encoder, integrator, llm, peft, options_json, batch_size):
+        try:
+            config = self.model_config(encoder, integrator, llm, peft, options_json)
+            info = frontend.describe_config(config, batch_size=int(batch_size))  # meta device: no weights, no GPU
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        table = [[r["component"], f"{r['total']:,}", f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}",
+                  f"{r['share_pct']:.1f}"] for r in info["parameters"]]
+        memory = info["memory"]
+        verdict = "fits" if memory["fits"] else "**will not fit**"
+        entry = next((r for r in self.catalog["integrators"] if r["name"] == integrator), {})
+        about = (f"**{integrator}** — {entry.get('family', '')}, follows {entry.get('follows', '')}; "
+                 f"suits {', '.join(entry.get('paradigms', []))}. {entry.get('description', '')}")
+        summary = (f"{about}\n\n**{info['visual_tokens']} visual tokens** per image on a {info['grid'][0]}×{info['grid'][1]} "
+                   f"grid · {info['device']}, {info['dtype']}\n\nTraining memory (batch {int(batch_size)}): "
+                   f"{memory['explanation']} — {verdict}.")
+        return info["diagram"], table, summary
+
+    def save_config(self, encoder, integrator, llm, peft, options_json):
+        from workbench.config import save_model_config
+
+        try:
+            config = self.model_config(encoder, integrator, llm, peft, options_json)
+            path = self.registry.root / "configs" / f"{encoder}-{integrator}-{llm.replace('/', '_')}.yaml"
+            return str(save_model_config(config, path))
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+
+    def load_config(self, file):
+        from workbench.config import load_model_config
+
+        if file is None:
+            raise gr.Error("Choose a YAML config file first")
+        try:
+            c = load_model_config(file)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return c.encoder.name, c.integrator.name, c.llm.name, c.peft.method, json.dumps(c.integrator.options)
+
+    # ------------------------------------------------------------------ data
+    def preview(self, kind: str, options_json: str):
+        try:
+            options = json.loads(options_json or "{}")
+            data = frontend.preview_data(kind, options, n=6)
+        except json.JSONDecodeError as e:
+            raise gr.Error(f"Loader options are not valid JSON: {e.msg}") from None
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        gallery = []
+        for s in data["samples"]:
+            text = " / ".join(f"{m['role']}: {m['content']}" for m in s["messages"]).replace("<image>\n", "")
+            if s["images"] and isinstance(s["images"][0], str):
+                gallery.append((s["images"][0], text[:200]))
+        skipped = data["report"].get("skipped", {})
+        counts = (f"**{data['count']:,} usable samples**" +
+                  (f"; skipped: {', '.join(f'{k} {v}' for k, v in skipped.items())}" if skipped else "; no bad rows"))
+        return gallery, counts, [s["messages"] for s in data["samples"]]
+
+    # ------------------------------------------------------------------ train
+    def launch(self, encoder, integrator, llm, peft, options_json, kind, data_options, paradigm, name, batch_size,
+               lr, epochs, max_minutes, eval_every, text_only):
+        from workbench.config import DataSpec
+
+        try:
+            model = self.model_config(encoder, integrator, llm, peft, options_json)
+            data = DataSpec(kind=kind, options=json.loads(data_options or "{}"))
+            eval_data = DataSpec(kind="easy-vqa", options={"split": "test"}) if kind == "easy-vqa" else None
+            run = frontend.run_config(model, data, paradigm, name, batch_size, lr, epochs, max_minutes, eval_every,
+                                      text_only, eval_data)
+            run_id = self.registry.create(run)
+            self.registry.start(run_id)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return run_id, gr.update(choices=self.run_ids(), value=run_id)
+
+    def run_ids(self) -> list[str]:
+        return [r["id"] for r in self.registry.list()]
+
+    def progress(self, run_id: str | None):
+        if not run_id:
+            return "No run selected.", None, [], ""
+        try:
+            p = frontend.run_progress(self.registry, run_id)
+        except Exception as e:  # noqa: BLE001
+            return f"Cannot read run {run_id}: {e}", None, [], ""
+        bar = ""
+        if p["fraction"] is not None:
+            filled = int(30 * p["fraction"])
+            bar = f"`{'█' * filled}{'░' * (30 - filled)}` {100 * p['fraction']:.0f}% · ETA {frontend.format_eta(p['eta_s'])}"
+        status = p["status"] + (f" — {p['reason']}" if p["reason"] else "")
+        numbers = " · ".join(f"{k} {v:.4g}" for k, v in (("loss", p["loss"]), ("lr", p["lr"]),
+                                                          ("samples/s", p["samples_per_s"]),
+                                                          ("memory MB", p["memory_mb"])) if v is not None)
+        text = (f"**{run_id}**: {status}\n\n{bar}\n\nstage {p['stage'] or '—'}, step {p['step'] or 0} · {numbers}"
+                f"\n\nhistory: {frontend.history_text(p['history'])}")
+        evals = [[e["step"], f"{e['metric']} {e['score']:.4f}", json.dumps(e["by_type"])] for e in p["evals"]]
+        curves = frontend.curves_figure({run_id: self.registry.run_dir(run_id)})
+        return text, curves, evals, p["log"]
+
+    def cancel(self, run_id):
+        try:
+            return f"{run_id}: {self.registry.cancel(run_id)['status']}"
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+
+    def resume(self, run_id):
+        try:
+            return f"{run_id}: resumed (pid {self.registry.resume(run_id)})"
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+
+    # ------------------------------------------------------------------ runs
+    def runs_table(self):
+        rows = frontend.run_rows(self.registry)
+        table = [[r["id"], r["status"] + (f" ({r['reason']})" if r["reason"] else ""), r["paradigm"],
+                  f"{r['encoder']} + {r['integrator']} + {r['llm']}" + (f" + {r['peft']}" if r["peft"] != "none" else ""),
+                  "" if r["best_accuracy"] is None else f"{r['best_accuracy']:.3f}",
+                  "" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+                  + ("" if r.get("trainable_pct") is None else f" ({r['trainable_pct']:.2f}%)")] for r in rows]
+        ids = [r["id"] for r in rows]
+        return table, gr.update(choices=ids), gr.update(choices=["default"] + ids)
+
+    def overlay(self, run_ids: list[str]):
+        if not run_ids:
+            return None
+        return frontend.curves_figure({r: self.registry.run_dir(r) for r in run_ids})
+
+    def delete(self, run_id: str):
+        try:
+            self.registry.delete(run_id)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return f"deleted {run_id}"
+
+    def export(self, run_id, fmt):
+        """A finished run out of the workbench (workbench.export): where it went, and the model card it carries."""
+        if not run_id:
+            raise gr.Error("Pick a run to export")
+        try:
+            with self.cache.lock:  # one model in memory at a time on a small machine
+                path = frontend.export_model(self.registry, run_id, fmt)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        if path.is_dir():
+            card = (path / "README.md").read_text(encoding="utf-8")
+        else:
+            import zipfile
+
+            with zipfile.ZipFile(path) as zf:
+                card = zf.read("model/README.md").decode("utf-8")
+        body = card.split("---", 2)[2] if card.startswith("---") else card  # the YAML metadata stays in the file
+        return f"Exported **{fmt}** to `{path}`", body
+
+    # ------------------------------------------------------------------ chat
+    def check_image(self, path):
+        """An uploaded or picked image, checked before anything uses it; the preview shows what will be sent."""
+        from workbench.images import load_image
+
+        if not path:
+            return None
+        try:
+            return load_image(path)
+        except Exception as e:  # noqa: BLE001
+            raise gr.Error(f"Refused: {str(e).splitlines()[0]}") from None
+
+    def chat(self, source, image, text, history, session_state, max_new_tokens, temperature, top_p):
+        from workbench.chat import ChatSession, GenerationSettings
+        from workbench.images import load_image
+
+        if not text or not text.strip():
+            raise gr.Error("Type a question first")
+        try:
+            if image is not None:
+                load_image(image)  # refuse a bad upload with a clear message before anything else
+            model = self.cache.get(source or "default")
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        state = session_state or {}
+        if state.get("source") != source:
+            if state.get("session") is not None:
+                state["session"].model = None  # the old session must not keep its model (and its GPU memory)
+            state = {"source": source, "session": ChatSession(model)}
+        session = state["session"]
+        session.model = model  # lent for this answer only: the cache owns the model
+        session.settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                              top_p=float(top_p))
+        history = list(history or [])
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": ""})
+        try:
+            with self.cache.lock:
+                for piece in session.send(text, [image] if image is not None else None):
+                    history[-1]["content"] += piece
+                    yield history, state, None
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        finally:
+            session.model = None  # a session kept in a browser tab must not pin an evicted model in memory
+        state["last"] = {"question": session.messages[-2]["content"], "answer": session.messages[-1]["content"],
+                         "images": list(session.images)}
+        yield history, state, None
+
+    # ------------------------------------------------------------------ attention
+    def explain(self, source, session_state, token, head, method, layer):
+        from workbench.attention import image_map, trace_attention
+        from workbench.attention_figures import heatmap_figure, modality_share_figure, overlay_image, prompt_attention_figure
+
+        last = (session_state or {}).get("last")
+        if not last or not last["images"]:
+            raise gr.Error("Ask a question about an image in Chat first: the attention view explains the last answer")
+        head = int(head) if str(head).lstrip("-").isdigit() else head
+        layers = None if int(layer) < 0 else [int(layer)]
+        try:
+            model = self.cache.get(source or "default")
+            with self.cache.lock:
+                trace = trace_attention(model, [{"role": "user", "content": last["question"]}], last["images"][-1:]
+                                        if last["question"].count("<image>") == 1 else last["images"],
+                                        answer=last["answer"], relevancy=method in ("relevancy", "gradient"))
+            token = max(-len(trace.answer_positions), min(int(token), len(trace.answer_positions) - 1))
+            amap = image_map(trace, token, method, head, layers)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        tokens = ", ".join(f"{i}: {t!r}" for i, t in enumerate(trace.answer_tokens))
+        note = f"Answer tokens — {tokens}. Showing token {token} ({trace.answer_tokens[token]!r}), {method}, head {head}, " \
+               f"{'all layers' if layers is None else f'layer {layers[0]}'}."
+        if trace.gates:
+            note += " Gates: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in sorted(trace.gates.items()))
+        heads = ["mean", "max", *map(str, range(trace.num_heads))]  # the traced model's own head count
+        return (overlay_image(trace.images[0], amap), heatmap_figure(trace, token, method if method != "gradient" else
+                                                                     method, head),
+                modality_share_figure(trace), prompt_attention_figure(trace, token, "attention", head, layers), note,
+                gr.update(choices=heads, value=str(head) if str(head) in heads else "mean"))
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, run_id, split, limit, baseline, progress=gr.Progress()):
+        """Accuracy by question type beside a text-only baseline: a text-only run (trained without images) or,
+        by default, the same model with the images withheld — how much the image actually adds."""
+        from workbench.config import DataSpec
+        from workbench.evaluation import evaluate
+
+        if not run_id:
+            raise gr.Error("Pick a run")
+        data = DataSpec(kind="easy-vqa", options={"split": split})
+        try:
+            progress(0, desc="evaluating")
+            with self.cache.lock:
+                model = self.cache.get(run_id)
+                result = evaluate(model, data, limit=int(limit))
+                reference = None
+                if baseline and baseline != "none":
+                    if baseline != WITHHELD:
+                        model = self.cache.get(baseline)
+                    reference = evaluate(model, data, limit=int(limit), text_only=True)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        kinds = ["overall", *result["by_type"]]
+        value = lambda r, k: r["accuracy"] if k == "overall" else r["by_type"].get(k, float("nan"))  # noqa: E731
+        rows = [[k, f"{value(result, k):.4f}", "" if reference is None else f"{value(reference, k):.4f}"]
+                for k in kinds]
+        efficiency = (f"{result['count']} questions in {result['seconds']:.0f} s ({result['samples_per_s']:.1f}/s) · "
+                      f"{result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters)"
+                      + ("" if reference is None else f" · baseline: {baseline}, without the images"))
+        return rows, efficiency
+
+
+def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
+    wb = Workbench(runs_dir)
+    cat = wb.catalog
+    encoders = [(_label(r), r["name"]) for r in cat["encoders"]]
+    integrators = [(f"{r['name']} — {r.get('family', '')}", r["name"]) for r in cat["integrators"]]
+    llms = [(_label(r), r["name"]) for r in cat["llms"]]
+    peft = [r["name"] for r in cat["peft"]]
+    paradigms = {r["name"]: r for r in cat["paradigms"]}
+    examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
+
+    with gr.Blocks(title="VLLM Workbench") as app:
+        gr.Markdown("# VLLM Workbench\nPick an image encoder, a modality integrator and an LLM; train; chat; look inside. "
+                    "Everything marked *offline* runs on this machine without a network.")
+        with gr.Tab("Build"):
+            with gr.Row():
+                encoder = gr.Dropdown(encoders, value="mobilenet_v2", label="Image encoder")
+                integrator = gr.Dropdown(integrators, value="mlp", label="Modality integrator")
+                llm = gr.Dropdown(llms, value="smollm2-135m-instruct", label="LLM", allow_custom_value=True)
+                peft_method = gr.Dropdown(peft, value="none", label="PEFT modules in the LLM")
+            with gr.Row():
+                options = gr.Textbox("{}", label="Integrator options (JSON)", scale=3)
+                batch = gr.Number(16, label="Batch size (for the memory estimate)", precision=0, scale=1)
+            with gr.Row():
+                describe_btn = gr.Button("Build and describe", variant="primary")
+                save_btn = gr.Button("Save config")
+                load_file = gr.File(label="Load config (YAML)", file_types=[".yaml", ".yml"], height=80)
+            summary = gr.Markdown()
+            diagram = gr.Code(label="How the parts connect", language=None)
+            params = gr.Dataframe(headers=["component", "total", "trainable", "trainable %", "share %"],
+                                  label="Parameters per component", interactive=False)
+            saved = gr.Textbox(label="Saved to", interactive=False)
+        build_inputs = [encoder, integrator, llm, peft_method, options]
+        describe_btn.click(wb.describe, build_inputs + [batch], [diagram, params, summary])
+        save_btn.click(wb.save_config, build_inputs, saved)
+        load_file.upload(wb.load_config, load_file, build_inputs)
+
+        with gr.Tab("Data"):
+            with gr.Row():
+                data_kind = gr.Dropdown([r["name"] for r in cat["data"]], value="easy-vqa", label="Dataset")
+                data_options = gr.Textbox(json.dumps(DEFAULT_DATA_OPTIONS["easy-vqa"]), label="Loader options (JSON)")
+            preview_btn = gr.Button("Preview")
+            counts = gr.Markdown()
+            gallery = gr.Gallery(label="Samples", columns=6, height=220)
+            conversations = gr.JSON(label="Conversations")
+        data_kind.change(lambda k: json.dumps(DEFAULT_DATA_OPTIONS.get(k, {})), data_kind, data_options)
+        preview_btn.click(wb.preview, [data_kind, data_options], [gallery, counts, conversations])
+
+        with gr.Tab("Train"):
+            with gr.Row():
+                paradigm = gr.Radio(list(paradigms), value="single-stage", label="Training paradigm")
+                run_name = gr.Textbox(label="Run name (optional)")
+            explanation = gr.Markdown(paradigms["single-stage"].get("explanation", ""))
+            with gr.Row():
+                train_batch = gr.Number(16, label="Batch size", precision=0)
+                lr = gr.Number(1e-3, label="Learning rate")
+                epochs = gr.Number(1.0, label="Epochs per stage")
+                minutes = gr.Number(5.0, label="Time budget (minutes, 0 = none)")
+                eval_every = gr.Number(50, label="Evaluate every N steps", precision=0)
+                text_only = gr.Checkbox(False, label="Text-only baseline (no images)")
+            with gr.Row():
+                launch_btn = gr.Button("Launch in the background", variant="primary")
+                cancel_btn = gr.Button("Cancel (checkpoint, then stop)")
+                resume_btn = gr.Button("Resume")
+            run_pick = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
+            launched = gr.Textbox(label="Status", interactive=False)
+            progress_md = gr.Markdown()
+            curves = gr.Plot(label="Loss, evaluation accuracy and learning rate")
+            evals = gr.Dataframe(headers=["step", "score", "by type"], label="Evaluations", interactive=False)
+            log = gr.Code(label="Log tail", language=None)
+            timer = gr.Timer(2.0)
+        paradigm.change(lambda p: paradigms[p].get("explanation", ""), paradigm, explanation)
+        launch_btn.click(wb.launch, build_inputs + [data_kind, data_options, paradigm, run_name, train_batch, lr,
+                                                    epochs, minutes, eval_every, text_only], [launched, run_pick])
+        cancel_btn.click(wb.cancel, run_pick, launched)
+        resume_btn.click(wb.resume, run_pick, launched)
+        timer.tick(wb.progress, run_pick, [progress_md, curves, evals, log])
+        run_pick.change(wb.progress, run_pick, [progress_md, curves, evals, log])
+
+        with gr.Tab("Runs"):
+            refresh = gr.Button("Refresh")
+            runs = gr.Dataframe(headers=["run", "status", "paradigm", "components", "best accuracy", "trainable"],
+                                interactive=False, label="Runs (they keep training when the browser closes)")
+            compare = gr.Dropdown([], multiselect=True, label="Overlay the curves of")
+            overlay = gr.Plot()
+            with gr.Row():
+                delete_pick = gr.Dropdown([], label="Run to delete")
+                delete_btn = gr.Button("Delete", variant="stop")
+            deleted = gr.Textbox(label="", interactive=False)
+            with gr.Row():
+                export_pick = gr.Dropdown([], label="Run to export")
+                export_format = gr.Radio(["hf-llava", "merged", "workbench"], value="hf-llava", label="Format",
+                                         info="hf-llava: plain transformers (where the parts allow); merged: PEFT "
+                                              "merged, LLM as a transformers folder; workbench: the model as a zip")
+                export_btn = gr.Button("Export")
+            exported = gr.Markdown()
+            card = gr.Markdown(label="Model card")
+        export_btn.click(wb.export, [export_pick, export_format], [exported, card])
+        refresh.click(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
+        app.load(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
+
+        with gr.Tab("Chat"):
+            with gr.Row():
+                source = gr.Dropdown(["default"] + wb.run_ids(), value="default", allow_custom_value=True,
+                                     label="Model (default = untrained embedded model; or a run)")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    # a File, not an Image component: the workbench checks the upload itself (type, bytes, pixels)
+                    # and refuses with a readable message instead of a decoder's error
+                    image = gr.File(label="Image (PNG, JPEG, …; at most 50 MB)", file_types=["image"], type="filepath",
+                                    elem_id="chat-image", height=90)
+                    preview = gr.Image(label="Preview", interactive=False, height=200)
+                    gr.Examples(examples, inputs=image, label="Example images")
+                    max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0, 1.5, 0, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, 1, step=0.05, label="Top-p")
+                with gr.Column(scale=2):
+                    chatbot = gr.Chatbot(label="Chat", height=420)
+                    question = gr.Textbox(label="Message", placeholder="What color is the shape?")
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary")
+                        reset = gr.Button("New chat")
+            chat_state = gr.State({})
+        image.change(wb.check_image, image, preview)
+        chat_inputs = [source, image, question, chatbot, chat_state, max_new, temperature, top_p]
+        send.click(wb.chat, chat_inputs, [chatbot, chat_state, question])
+        question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question])
+        reset.click(lambda: ([], {}, None, None), None, [chatbot, chat_state, image, preview])
+
+        with gr.Tab("Attention"):
+            gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
+            with gr.Row():
+                token = gr.Number(0, label="Answer token (0 = first, -1 = last)", precision=0)
+                head = gr.Dropdown(["mean", "max"], value="mean", label="Head",
+                                   info="single heads appear once an answer is explained: the model's own count")
+                method = gr.Dropdown(["attention", "rollout", "relevancy", "gradient"], value="attention", label="View")
+                layer = gr.Number(-1, label="Layer (-1 = all)", precision=0)
+                explain_btn = gr.Button("Explain", variant="primary")
+            note = gr.Markdown()
+            with gr.Row():
+                overlay_img = gr.Image(label="Map over the image", type="pil", height=300)
+                heatmap = gr.Plot(label="By layer, token and head")
+            with gr.Row():
+                share = gr.Plot(label="Image vs text attention per layer")
+                prompt_plot = gr.Plot(label="Prompt tokens the answer drew on")
+        explain_btn.click(wb.explain, [source, chat_state, token, head, method, layer],
+                          [overlay_img, heatmap, share, prompt_plot, note, head])
+
+        with gr.Tab("Evaluate"):
+            with gr.Row():
+                eval_run = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
+                split = gr.Dropdown(["test", "train"], value="test", label="easy-VQA split")
+                limit = gr.Number(200, label="Questions", precision=0)
+                eval_baseline = gr.Dropdown([WITHHELD, "none"] + wb.run_ids(), value=WITHHELD, allow_custom_value=True,
+                                            label="Text-only baseline (a text-only run, or the same model)")
+                eval_btn = gr.Button("Evaluate", variant="primary")
+            accuracy = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False)
+            efficiency = gr.Markdown()
+        eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_baseline], [accuracy, efficiency])
+
+        refresh.click(wb.runs_table, None, [runs, compare, source])
+        refresh.click(lambda: (gr.update(choices=wb.run_ids()),) * 3, None, [delete_pick, run_pick, eval_run])
+        compare.change(wb.overlay, compare, overlay)
+        delete_btn.click(wb.delete, delete_pick, deleted)
+        app.load(wb.runs_table, None, [runs, compare, source])
+        app.load(lambda: (gr.update(choices=wb.run_ids()),) * 3, None, [delete_pick, run_pick, eval_run])
+    app.workbench = wb
+    return app
+
+
+def read_auth(auth_file: str | None) -> tuple[str, str] | None:
+    raw = Path(auth_file).read_text().strip() if auth_file else os.environ.get("WORKBENCH_APP_AUTH", "")
+    if not raw:
+        return None
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("The credentials must look like user:password")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The VLLM Workbench in the browser")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_APP_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="a public Gradio link (needs credentials)")
+    parser.add_argument("--auth-file", help="file with one user:password line (or set WORKBENCH_APP_AUTH)")
+    parser.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    args = parser.parse_args(argv)
+    from workbench.logs import quiet_libraries
+
+    quiet_libraries()
+    auth = read_auth(args.auth_file)
+    exposed = args.share or args.host not in LOCAL_HOSTS
+    if exposed and auth is None:
+        print("error: --host/--share expose the workbench beyond this machine; set WORKBENCH_APP_AUTH=user:password "
+              "or pass --auth-file", file=sys.stderr)
+        return 2
+    from workbench.llm import limit_gpu_share
+
+    share = limit_gpu_share()  # chat, attention and evaluation leave the rest of the GPU to queued runs
+    app = build_app(args.runs)
+    app.queue(default_concurrency_limit=8)
+    print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else "")
+          + (f"; it uses at most {share:.0%} of each GPU, training runs the rest" if share else ""))
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+               max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=True)  # messages only, no tracebacks
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
