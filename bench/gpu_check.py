@@ -69,8 +69,7 @@ def stand_ins(root: Path, sizes: dict) -> tuple[Path, Path]:
 
 def run_config(llm: Path, encoder: Path, device: str, steps: int, batch_size: int, peft: str = "none",
                quantize: str | None = None, stages: tuple[str, ...] = ("align", "instruct")):
-    from workbench.config import (DataSpec, EncoderSpec, IntegratorSpec, LLMSpec, ModelConfig, PeftSpec, RunConfig,
-                                  TrainingSpec)
+    from workbench.config import EncoderSpec, IntegratorSpec, LLMSpec, ModelConfig, PeftSpec, RunConfig, TrainingSpec
     from workbench.paradigms import resolve_stages
 
     model = ModelConfig(encoder=EncoderSpec(name="clip", model=str(encoder), weights="random", layer=-2),

@@ -1,7 +1,6 @@
 """Faults, each in a real process: kill -9 mid-stage then resume gives the weights of an uninterrupted run; a kill
 during a checkpoint write leaves the previous one loadable; an app restarted while a run trains still lists and
 controls it; two runs launched at once on one device queue; bad configs are refused before a run exists."""
-import json
 import os
 import signal
 import subprocess

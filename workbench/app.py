@@ -342,172 +342,206 @@ class Workbench:
 
 
 def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
+    """The page: one function per tab, then the wiring that keeps the run lists of every tab current."""
     wb = Workbench(runs_dir)
+    with gr.Blocks(title="VLLM Workbench") as app:
+        gr.Markdown("# VLLM Workbench\nPick an image encoder, a modality integrator and an LLM; train; chat; look inside. "
+                    "Everything marked *offline* runs on this machine without a network.")
+        build_inputs = _build_tab(wb)
+        data_kind, data_options = _data_tab(wb)
+        run_pick = _train_tab(wb, build_inputs, data_kind, data_options)
+        refresh, runs, compare, delete_pick, export_pick = _runs_tab(wb)
+        source, chat_state = _chat_tab(wb)
+        _attention_tab(wb, source, chat_state)
+        eval_run = _evaluate_tab(wb)
+        lists = [delete_pick, run_pick, eval_run]
+        for event in (refresh.click, app.load):  # on Refresh and whenever the page opens
+            event(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
+            event(wb.runs_table, None, [runs, compare, source])
+            event(lambda: (gr.update(choices=wb.run_ids()),) * len(lists), None, lists)
+    app.workbench = wb
+    return app
+
+
+def _build_tab(wb: Workbench) -> list:
+    """Encoder, integrator, LLM and PEFT pickers with the parameter table; returns the pickers."""
     cat = wb.catalog
     encoders = [(_label(r), r["name"]) for r in cat["encoders"]]
     integrators = [(f"{r['name']} — {r.get('family', '')}", r["name"]) for r in cat["integrators"]]
     llms = [(_label(r), r["name"]) for r in cat["llms"]]
     peft = [r["name"] for r in cat["peft"]]
-    paradigms = {r["name"]: r for r in cat["paradigms"]}
+    with gr.Tab("Build"):
+        with gr.Row():
+            encoder = gr.Dropdown(encoders, value="mobilenet_v2", label="Image encoder")
+            integrator = gr.Dropdown(integrators, value="mlp", label="Modality integrator")
+            llm = gr.Dropdown(llms, value="smollm2-135m-instruct", label="LLM", allow_custom_value=True)
+            peft_method = gr.Dropdown(peft, value="none", label="PEFT modules in the LLM")
+        with gr.Row():
+            options = gr.Textbox("{}", label="Integrator options (JSON)", scale=3)
+            batch = gr.Number(16, label="Batch size (for the memory estimate)", precision=0, scale=1)
+        with gr.Row():
+            describe_btn = gr.Button("Build and describe", variant="primary")
+            save_btn = gr.Button("Save config")
+            load_file = gr.File(label="Load config (YAML)", file_types=[".yaml", ".yml"], height=80)
+        summary = gr.Markdown()
+        diagram = gr.Code(label="How the parts connect", language=None)
+        params = gr.Dataframe(headers=["component", "total", "trainable", "trainable %", "share %"],
+                              label="Parameters per component", interactive=False)
+        saved = gr.Textbox(label="Saved to", interactive=False)
+    build_inputs = [encoder, integrator, llm, peft_method, options]
+    describe_btn.click(wb.describe, build_inputs + [batch], [diagram, params, summary])
+    save_btn.click(wb.save_config, build_inputs, saved)
+    load_file.upload(wb.load_config, load_file, build_inputs)
+
+    return build_inputs
+
+
+def _data_tab(wb: Workbench):
+    with gr.Tab("Data"):
+        with gr.Row():
+            data_kind = gr.Dropdown([r["name"] for r in wb.catalog["data"]], value="easy-vqa", label="Dataset")
+            data_options = gr.Textbox(json.dumps(DEFAULT_DATA_OPTIONS["easy-vqa"]), label="Loader options (JSON)")
+        preview_btn = gr.Button("Preview")
+        counts = gr.Markdown()
+        gallery = gr.Gallery(label="Samples", columns=6, height=220)
+        conversations = gr.JSON(label="Conversations")
+    data_kind.change(lambda k: json.dumps(DEFAULT_DATA_OPTIONS.get(k, {})), data_kind, data_options)
+    preview_btn.click(wb.preview, [data_kind, data_options], [gallery, counts, conversations])
+
+    return data_kind, data_options
+
+
+def _train_tab(wb: Workbench, build_inputs: list, data_kind, data_options):
+    paradigms = {r["name"]: r for r in wb.catalog["paradigms"]}
+    with gr.Tab("Train"):
+        with gr.Row():
+            paradigm = gr.Radio(list(paradigms), value="single-stage", label="Training paradigm")
+            run_name = gr.Textbox(label="Run name (optional)")
+        explanation = gr.Markdown(paradigms["single-stage"].get("explanation", ""))
+        with gr.Row():
+            train_batch = gr.Number(16, label="Batch size", precision=0)
+            lr = gr.Number(1e-3, label="Learning rate")
+            epochs = gr.Number(1.0, label="Epochs per stage")
+            minutes = gr.Number(5.0, label="Time budget (minutes, 0 = none)")
+            eval_every = gr.Number(50, label="Evaluate every N steps", precision=0)
+            text_only = gr.Checkbox(False, label="Text-only baseline (no images)")
+        with gr.Row():
+            launch_btn = gr.Button("Launch in the background", variant="primary")
+            cancel_btn = gr.Button("Cancel (checkpoint, then stop)")
+            resume_btn = gr.Button("Resume")
+        run_pick = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
+        launched = gr.Textbox(label="Status", interactive=False)
+        progress_md = gr.Markdown()
+        curves = gr.Plot(label="Loss, evaluation accuracy and learning rate")
+        evals = gr.Dataframe(headers=["step", "score", "by type"], label="Evaluations", interactive=False)
+        log = gr.Code(label="Log tail", language=None)
+        timer = gr.Timer(2.0)
+    paradigm.change(lambda p: paradigms[p].get("explanation", ""), paradigm, explanation)
+    launch_btn.click(wb.launch, build_inputs + [data_kind, data_options, paradigm, run_name, train_batch, lr,
+                                                epochs, minutes, eval_every, text_only], [launched, run_pick])
+    cancel_btn.click(wb.cancel, run_pick, launched)
+    resume_btn.click(wb.resume, run_pick, launched)
+    timer.tick(wb.progress, run_pick, [progress_md, curves, evals, log])
+    run_pick.change(wb.progress, run_pick, [progress_md, curves, evals, log])
+
+    return run_pick
+
+
+def _runs_tab(wb: Workbench):
+    with gr.Tab("Runs"):
+        refresh = gr.Button("Refresh")
+        runs = gr.Dataframe(headers=["run", "status", "paradigm", "components", "best accuracy", "trainable"],
+                            interactive=False, label="Runs (they keep training when the browser closes)")
+        compare = gr.Dropdown([], multiselect=True, label="Overlay the curves of")
+        overlay = gr.Plot()
+        with gr.Row():
+            delete_pick = gr.Dropdown([], label="Run to delete")
+            delete_btn = gr.Button("Delete", variant="stop")
+        deleted = gr.Textbox(label="", interactive=False)
+        with gr.Row():
+            export_pick = gr.Dropdown([], label="Run to export")
+            export_format = gr.Radio(["hf-llava", "merged", "workbench"], value="hf-llava", label="Format",
+                                     info="hf-llava: plain transformers (where the parts allow); merged: PEFT "
+                                          "merged, LLM as a transformers folder; workbench: the model as a zip")
+            export_btn = gr.Button("Export")
+        exported = gr.Markdown()
+        card = gr.Markdown(label="Model card")
+    export_btn.click(wb.export, [export_pick, export_format], [exported, card])
+    compare.change(wb.overlay, compare, overlay)
+    delete_btn.click(wb.delete, delete_pick, deleted)
+
+    return refresh, runs, compare, delete_pick, export_pick
+
+
+def _chat_tab(wb: Workbench):
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
+    with gr.Tab("Chat"):
+        with gr.Row():
+            source = gr.Dropdown(["default"] + wb.run_ids(), value="default", allow_custom_value=True,
+                                 label="Model (default = untrained embedded model; or a run)")
+        with gr.Row():
+            with gr.Column(scale=1):
+                # a File, not an Image component: the workbench checks the upload itself (type, bytes, pixels)
+                # and refuses with a readable message instead of a decoder's error
+                image = gr.File(label="Image (PNG, JPEG, …; at most 50 MB)", file_types=["image"], type="filepath",
+                                elem_id="chat-image", height=90)
+                preview = gr.Image(label="Preview", interactive=False, height=200)
+                gr.Examples(examples, inputs=image, label="Example images")
+                max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
+                temperature = gr.Slider(0, 1.5, 0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, 1, step=0.05, label="Top-p")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", height=420)
+                question = gr.Textbox(label="Message", placeholder="What color is the shape?")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary")
+                    reset = gr.Button("New chat")
+        chat_state = gr.State({})
+    image.change(wb.check_image, image, preview)
+    chat_inputs = [source, image, question, chatbot, chat_state, max_new, temperature, top_p]
+    send.click(wb.chat, chat_inputs, [chatbot, chat_state, question])
+    question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question])
+    reset.click(lambda: ([], {}, None, None), None, [chatbot, chat_state, image, preview])
 
-    with gr.Blocks(title="VLLM Workbench") as app:
-        gr.Markdown("# VLLM Workbench\nPick an image encoder, a modality integrator and an LLM; train; chat; look inside. "
-                    "Everything marked *offline* runs on this machine without a network.")
-        with gr.Tab("Build"):
-            with gr.Row():
-                encoder = gr.Dropdown(encoders, value="mobilenet_v2", label="Image encoder")
-                integrator = gr.Dropdown(integrators, value="mlp", label="Modality integrator")
-                llm = gr.Dropdown(llms, value="smollm2-135m-instruct", label="LLM", allow_custom_value=True)
-                peft_method = gr.Dropdown(peft, value="none", label="PEFT modules in the LLM")
-            with gr.Row():
-                options = gr.Textbox("{}", label="Integrator options (JSON)", scale=3)
-                batch = gr.Number(16, label="Batch size (for the memory estimate)", precision=0, scale=1)
-            with gr.Row():
-                describe_btn = gr.Button("Build and describe", variant="primary")
-                save_btn = gr.Button("Save config")
-                load_file = gr.File(label="Load config (YAML)", file_types=[".yaml", ".yml"], height=80)
-            summary = gr.Markdown()
-            diagram = gr.Code(label="How the parts connect", language=None)
-            params = gr.Dataframe(headers=["component", "total", "trainable", "trainable %", "share %"],
-                                  label="Parameters per component", interactive=False)
-            saved = gr.Textbox(label="Saved to", interactive=False)
-        build_inputs = [encoder, integrator, llm, peft_method, options]
-        describe_btn.click(wb.describe, build_inputs + [batch], [diagram, params, summary])
-        save_btn.click(wb.save_config, build_inputs, saved)
-        load_file.upload(wb.load_config, load_file, build_inputs)
+    return source, chat_state
 
-        with gr.Tab("Data"):
-            with gr.Row():
-                data_kind = gr.Dropdown([r["name"] for r in cat["data"]], value="easy-vqa", label="Dataset")
-                data_options = gr.Textbox(json.dumps(DEFAULT_DATA_OPTIONS["easy-vqa"]), label="Loader options (JSON)")
-            preview_btn = gr.Button("Preview")
-            counts = gr.Markdown()
-            gallery = gr.Gallery(label="Samples", columns=6, height=220)
-            conversations = gr.JSON(label="Conversations")
-        data_kind.change(lambda k: json.dumps(DEFAULT_DATA_OPTIONS.get(k, {})), data_kind, data_options)
-        preview_btn.click(wb.preview, [data_kind, data_options], [gallery, counts, conversations])
 
-        with gr.Tab("Train"):
-            with gr.Row():
-                paradigm = gr.Radio(list(paradigms), value="single-stage", label="Training paradigm")
-                run_name = gr.Textbox(label="Run name (optional)")
-            explanation = gr.Markdown(paradigms["single-stage"].get("explanation", ""))
-            with gr.Row():
-                train_batch = gr.Number(16, label="Batch size", precision=0)
-                lr = gr.Number(1e-3, label="Learning rate")
-                epochs = gr.Number(1.0, label="Epochs per stage")
-                minutes = gr.Number(5.0, label="Time budget (minutes, 0 = none)")
-                eval_every = gr.Number(50, label="Evaluate every N steps", precision=0)
-                text_only = gr.Checkbox(False, label="Text-only baseline (no images)")
-            with gr.Row():
-                launch_btn = gr.Button("Launch in the background", variant="primary")
-                cancel_btn = gr.Button("Cancel (checkpoint, then stop)")
-                resume_btn = gr.Button("Resume")
-            run_pick = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
-            launched = gr.Textbox(label="Status", interactive=False)
-            progress_md = gr.Markdown()
-            curves = gr.Plot(label="Loss, evaluation accuracy and learning rate")
-            evals = gr.Dataframe(headers=["step", "score", "by type"], label="Evaluations", interactive=False)
-            log = gr.Code(label="Log tail", language=None)
-            timer = gr.Timer(2.0)
-        paradigm.change(lambda p: paradigms[p].get("explanation", ""), paradigm, explanation)
-        launch_btn.click(wb.launch, build_inputs + [data_kind, data_options, paradigm, run_name, train_batch, lr,
-                                                    epochs, minutes, eval_every, text_only], [launched, run_pick])
-        cancel_btn.click(wb.cancel, run_pick, launched)
-        resume_btn.click(wb.resume, run_pick, launched)
-        timer.tick(wb.progress, run_pick, [progress_md, curves, evals, log])
-        run_pick.change(wb.progress, run_pick, [progress_md, curves, evals, log])
+def _attention_tab(wb: Workbench, source, chat_state) -> None:
+    with gr.Tab("Attention"):
+        gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
+        with gr.Row():
+            token = gr.Number(0, label="Answer token (0 = first, -1 = last)", precision=0)
+            head = gr.Dropdown(["mean", "max"], value="mean", label="Head",
+                               info="single heads appear once an answer is explained: the model's own count")
+            method = gr.Dropdown(["attention", "rollout", "relevancy", "gradient"], value="attention", label="View")
+            layer = gr.Number(-1, label="Layer (-1 = all)", precision=0)
+            explain_btn = gr.Button("Explain", variant="primary")
+        note = gr.Markdown()
+        with gr.Row():
+            overlay_img = gr.Image(label="Map over the image", type="pil", height=300)
+            heatmap = gr.Plot(label="By layer, token and head")
+        with gr.Row():
+            share = gr.Plot(label="Image vs text attention per layer")
+            prompt_plot = gr.Plot(label="Prompt tokens the answer drew on")
+    explain_btn.click(wb.explain, [source, chat_state, token, head, method, layer],
+                      [overlay_img, heatmap, share, prompt_plot, note, head])
 
-        with gr.Tab("Runs"):
-            refresh = gr.Button("Refresh")
-            runs = gr.Dataframe(headers=["run", "status", "paradigm", "components", "best accuracy", "trainable"],
-                                interactive=False, label="Runs (they keep training when the browser closes)")
-            compare = gr.Dropdown([], multiselect=True, label="Overlay the curves of")
-            overlay = gr.Plot()
-            with gr.Row():
-                delete_pick = gr.Dropdown([], label="Run to delete")
-                delete_btn = gr.Button("Delete", variant="stop")
-            deleted = gr.Textbox(label="", interactive=False)
-            with gr.Row():
-                export_pick = gr.Dropdown([], label="Run to export")
-                export_format = gr.Radio(["hf-llava", "merged", "workbench"], value="hf-llava", label="Format",
-                                         info="hf-llava: plain transformers (where the parts allow); merged: PEFT "
-                                              "merged, LLM as a transformers folder; workbench: the model as a zip")
-                export_btn = gr.Button("Export")
-            exported = gr.Markdown()
-            card = gr.Markdown(label="Model card")
-        export_btn.click(wb.export, [export_pick, export_format], [exported, card])
-        refresh.click(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
-        app.load(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
 
-        with gr.Tab("Chat"):
-            with gr.Row():
-                source = gr.Dropdown(["default"] + wb.run_ids(), value="default", allow_custom_value=True,
-                                     label="Model (default = untrained embedded model; or a run)")
-            with gr.Row():
-                with gr.Column(scale=1):
-                    # a File, not an Image component: the workbench checks the upload itself (type, bytes, pixels)
-                    # and refuses with a readable message instead of a decoder's error
-                    image = gr.File(label="Image (PNG, JPEG, …; at most 50 MB)", file_types=["image"], type="filepath",
-                                    elem_id="chat-image", height=90)
-                    preview = gr.Image(label="Preview", interactive=False, height=200)
-                    gr.Examples(examples, inputs=image, label="Example images")
-                    max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0, 1.5, 0, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, 1, step=0.05, label="Top-p")
-                with gr.Column(scale=2):
-                    chatbot = gr.Chatbot(label="Chat", height=420)
-                    question = gr.Textbox(label="Message", placeholder="What color is the shape?")
-                    with gr.Row():
-                        send = gr.Button("Send", variant="primary")
-                        reset = gr.Button("New chat")
-            chat_state = gr.State({})
-        image.change(wb.check_image, image, preview)
-        chat_inputs = [source, image, question, chatbot, chat_state, max_new, temperature, top_p]
-        send.click(wb.chat, chat_inputs, [chatbot, chat_state, question])
-        question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question])
-        reset.click(lambda: ([], {}, None, None), None, [chatbot, chat_state, image, preview])
 
-        with gr.Tab("Attention"):
-            gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
-            with gr.Row():
-                token = gr.Number(0, label="Answer token (0 = first, -1 = last)", precision=0)
-                head = gr.Dropdown(["mean", "max"], value="mean", label="Head",
-                                   info="single heads appear once an answer is explained: the model's own count")
-                method = gr.Dropdown(["attention", "rollout", "relevancy", "gradient"], value="attention", label="View")
-                layer = gr.Number(-1, label="Layer (-1 = all)", precision=0)
-                explain_btn = gr.Button("Explain", variant="primary")
-            note = gr.Markdown()
-            with gr.Row():
-                overlay_img = gr.Image(label="Map over the image", type="pil", height=300)
-                heatmap = gr.Plot(label="By layer, token and head")
-            with gr.Row():
-                share = gr.Plot(label="Image vs text attention per layer")
-                prompt_plot = gr.Plot(label="Prompt tokens the answer drew on")
-        explain_btn.click(wb.explain, [source, chat_state, token, head, method, layer],
-                          [overlay_img, heatmap, share, prompt_plot, note, head])
+def _evaluate_tab(wb: Workbench):
+    with gr.Tab("Evaluate"):
+        with gr.Row():
+            eval_run = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
+            split = gr.Dropdown(["test", "train"], value="test", label="easy-VQA split")
+            limit = gr.Number(200, label="Questions", precision=0)
+            eval_baseline = gr.Dropdown([WITHHELD, "none"] + wb.run_ids(), value=WITHHELD, allow_custom_value=True,
+                                        label="Text-only baseline (a text-only run, or the same model)")
+            eval_btn = gr.Button("Evaluate", variant="primary")
+        accuracy = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False)
+        efficiency = gr.Markdown()
+    eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_baseline], [accuracy, efficiency])
 
-        with gr.Tab("Evaluate"):
-            with gr.Row():
-                eval_run = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
-                split = gr.Dropdown(["test", "train"], value="test", label="easy-VQA split")
-                limit = gr.Number(200, label="Questions", precision=0)
-                eval_baseline = gr.Dropdown([WITHHELD, "none"] + wb.run_ids(), value=WITHHELD, allow_custom_value=True,
-                                            label="Text-only baseline (a text-only run, or the same model)")
-                eval_btn = gr.Button("Evaluate", variant="primary")
-            accuracy = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False)
-            efficiency = gr.Markdown()
-        eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_baseline], [accuracy, efficiency])
-
-        refresh.click(wb.runs_table, None, [runs, compare, source])
-        refresh.click(lambda: (gr.update(choices=wb.run_ids()),) * 3, None, [delete_pick, run_pick, eval_run])
-        compare.change(wb.overlay, compare, overlay)
-        delete_btn.click(wb.delete, delete_pick, deleted)
-        app.load(wb.runs_table, None, [runs, compare, source])
-        app.load(lambda: (gr.update(choices=wb.run_ids()),) * 3, None, [delete_pick, run_pick, eval_run])
-    app.workbench = wb
-    return app
+    return eval_run
 
 
 def read_auth(auth_file: str | None) -> tuple[str, str] | None:
