@@ -177,6 +177,7 @@ class Trainer:
                    budget=stage.max_minutes * 60 if stage.max_minutes else None,
                    started=time.perf_counter() - (position.get("stage_seconds", 0.0) if position else 0.0))
         self._stage_seconds = s.seconds()  # the stage's clock, agreed by every process at each batch
+        s.first_step = global_step
         s.scheduler = self._schedule(optimizer, total_updates, s.budget)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -221,7 +222,9 @@ class Trainer:
         if cancel:
             self._checkpoint(s, batch=b)
             raise Cancelled()
-        if s.budget is not None and self._stage_seconds >= s.budget:
+        # The budget ends a stage only after its first update, so every stage leaves a curve point, however
+        # slow the machine or short the budget.
+        if s.budget is not None and self._stage_seconds >= s.budget and s.step > s.first_step:
             if s.window_loss:  # a short run still gets its curve and peak memory
                 self._log_window(s, s.epoch + b / max(1, epoch_batches))
             self._log("time_budget", stage=s.index, step=s.step, minutes=s.spec.max_minutes)
@@ -486,6 +489,8 @@ class _Stage:
     budget: float | None
     started: float
     """perf_counter() at the stage's (virtual) start: a resumed stage counts the seconds it already spent."""
+    first_step: int = 0
+    """The global step the stage (or its resumed part) began at."""
     scheduler: Any = None
     model: Any = None
     weights: torch.Tensor | None = None
