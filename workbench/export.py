@@ -96,29 +96,32 @@ def resolve_source(source: str | Path, registry=None, which: str = "model") -> t
 
 def hf_llava_blockers(model) -> list[str]:
     """Every reason the model's parts do not fit LlavaForConditionalGeneration (empty: they do)."""
-    from .integrators import INTEGRATORS
-
     reasons = []
     reasons += _encoder_blockers(model.encoder, model.config.encoder)
     spec = model.config.integrator
-    info = INTEGRATORS.info(spec.name) if spec.name in INTEGRATORS else {}
     if spec.name != "mlp":
-        where = "adds modules inside the LLM's layers" if info.get("placement") == "in_llm" else \
-            f"is a {info.get('family', 'custom')} integrator"
-        reasons.append(f"integrator '{spec.name}' {where}, which LlavaForConditionalGeneration has no place for "
-                       f"(its projector is LLaVA-1.5's 2-layer MLP): train with integrator mlp (depth 2, "
-                       f"input_norm: false, output_norm: false)")
+        reasons.append(_integrator_blocker(spec.name))
     else:
         reasons += _projector_blockers(model)
     reasons += _llm_blockers(model)
     return reasons
 
 
+def _integrator_blocker(name: str) -> str:
+    """Why an integrator other than LLaVA's MLP projector cannot go into LlavaForConditionalGeneration."""
+    from .integrators import INTEGRATORS
+
+    info = INTEGRATORS.info(name) if name in INTEGRATORS else {}
+    where = "adds modules inside the LLM's layers" if info.get("placement") == "in_llm" else \
+        f"is a {info.get('family', 'custom')} integrator"
+    return (f"integrator '{name}' {where}, which LlavaForConditionalGeneration has no place for (its projector is "
+            f"LLaVA-1.5's 2-layer MLP): train with integrator mlp (depth 2, input_norm: false, output_norm: false)")
+
+
 def config_blockers(config) -> list[str]:
     """The reasons visible in a model config alone (no weights loaded): what `export` refuses at once. Loading the
     model then checks the rest (the tower's type and resolution, the LLM's architecture, open_clip variants)."""
     from .encoders import ENCODERS
-    from .integrators import INTEGRATORS
 
     reasons = []
     enc = config.encoder
@@ -128,12 +131,7 @@ def config_blockers(config) -> list[str]:
                        f"tower: train with encoder clip, siglip or an open_clip ViT)")
     spec, options = config.integrator, config.integrator.options
     if spec.name != "mlp":
-        info = INTEGRATORS.info(spec.name) if spec.name in INTEGRATORS else {}
-        where = "adds modules inside the LLM's layers" if info.get("placement") == "in_llm" else \
-            f"is a {info.get('family', 'custom')} integrator"
-        reasons.append(f"integrator '{spec.name}' {where}, which LlavaForConditionalGeneration has no place for "
-                       f"(its projector is LLaVA-1.5's 2-layer MLP): train with integrator mlp (depth 2, "
-                       f"input_norm: false, output_norm: false)")
+        reasons.append(_integrator_blocker(spec.name))
     else:
         if options.get("input_norm", True) in (True, "layer"):
             reasons.append("input LayerNorm in the projector has no place in LlavaMultiModalProjector: train with "
