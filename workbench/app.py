@@ -344,7 +344,8 @@ class Workbench:
         efficiency = (f"**{result['task']}**, scored by {metric_name(result['metric'])} · {result['count']} questions "
                       f"in {result['seconds']:.0f} s ({result['samples_per_s']:.1f}/s) · "
                       f"{result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters)"
-                      + ("" if reference is None else f" · baseline: {baseline}, without the images"))
+                      + ("" if reference is None else " · baseline: the same questions without the images"
+                         + ("" if baseline == WITHHELD else f", asked of {baseline}")))
         return score_table(result, reference), scores_figure(result, reference), efficiency
 
 

@@ -104,7 +104,7 @@ def architecture_figure(facts: dict[str, Any], title: str | None = None):
     arrow("tokens encoder→integrator", 4.4, mid, 5.5, mid, f"{enc['tokens']} tokens ({grid})<br>× {enc['features']}")
 
     # the LLM: input embeddings at the bottom, its layers stacked above, text out at the top
-    x0, x1, bottom, top = 8.6, 11.6, 0.8, 9.0
+    x0, x1, top = 8.6, 11.6, 9.0
     box("llm", x0 - 0.15, x1 + 0.15, low - 0.2, top + 0.2, "rgba(0,0,0,0)", edge="#444444")
     box("llm embeddings", x0, x1, low, low + 0.5, INPUT, "input embeddings: visual + text tokens")
     arrow("tokens integrator→llm", 7.3, mid, x0 - 0.15, low + 0.25, f"{integ['tokens']} visual token"
