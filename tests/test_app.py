@@ -43,10 +43,11 @@ def test_build_describes_any_integrator(wb, tiny_llm_dir, monkeypatch):
     real = VisionLanguageModel.from_config.__func__
     monkeypatch.setattr(VisionLanguageModel, "from_config",
                         classmethod(lambda cls, config, device=None: built.append(device) or real(cls, config, device)))
-    diagram, table, summary = wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
-                                          '{"num_queries": 8}', 4)
+    figure, diagram, table, summary = wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
+                                                  '{"num_queries": 8}', 4)
     assert built == ["meta"]  # each click builds shapes only: no weights loaded, no GPU memory taken
     assert "8 visual token(s)" in diagram and "lora" in diagram
+    assert any(a.name == "tokens integrator→llm" and a.text.startswith("8 visual tokens") for a in figure.layout.annotations)
     assert [row[0] for row in table][:2] == ["encoder", "integrator"] and table[-1][0] == "total"
     assert "**8 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
     for bad, message in (("{nope", "not valid JSON"), ('{"num_querys": 3}', "Unknown option 'num_querys'")):
@@ -108,11 +109,13 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
     with pytest.raises(gr.Error, match="Chat first"):
         wb.explain(run_id, {}, 0, "mean", "attention", -1)
 
-    accuracy, efficiency = wb.evaluate(run_id, "test", 8, app_module.WITHHELD, progress=lambda *a, **k: None)
-    assert accuracy[0][0] == "overall" and accuracy[0][2] != "" and "trainable" in efficiency
-    assert "without the images" in efficiency
-    accuracy, efficiency = wb.evaluate(run_id, "test", 8, "none", progress=lambda *a, **k: None)
-    assert accuracy[0][2] == "" and "baseline" not in efficiency
+    easy = ("easy-vqa", '{"split": "test"}')
+    table, bars, efficiency = wb.evaluate(run_id, *easy, 8, app_module.WITHHELD, progress=lambda *a, **k: None)
+    accuracy = table["data"]
+    assert accuracy[0][0] == "overall" and accuracy[0][2].endswith("%") and "trainable" in efficiency
+    assert "without the images" in efficiency and len(bars.data) == 2
+    table, bars, efficiency = wb.evaluate(run_id, *easy, 8, "none", progress=lambda *a, **k: None)
+    assert table["data"][0][2] == "" and "baseline" not in efficiency and len(bars.data) == 1
     assert wb.delete(run_id) == f"deleted {run_id}" and run_id not in wb.run_ids()
 
 

@@ -31,9 +31,12 @@ MAX_UPLOAD = "50mb"
 WITHHELD = "same model, images withheld"
 DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-captions": {},
                         "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
-                        "captions": {"folder": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
-                        "hf": {"name": "org/dataset", "split": "train"}}
+                        "captions": {"folder_or_file": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
+                        "hf": {"name_or_path": "org/dataset", "split": "train"}}
 """Starting points for the loader options box; the kinds themselves come from the data registry."""
+EVAL_DATA_OPTIONS = {**{k: {o: v for o, v in opts.items() if o != "limit"} for k, opts in DEFAULT_DATA_OPTIONS.items()},
+                     "easy-vqa": {"split": "test"}}
+"""The same templates for the Evaluate tab: held-out questions, and its own question limit instead of the loader's."""
 
 
 def _fail(e: Exception):
@@ -77,6 +80,9 @@ class Workbench:
         return config.validate()
 
     def describe(self, encoder, integrator, llm, peft, options_json, batch_size):
+        """The drawn architecture, its text tree, the parameter table and a summary (built on the meta device)."""
+        from workbench.diagrams import architecture_figure
+
         try:
             config = self.model_config(encoder, integrator, llm, peft, options_json)
             info = frontend.describe_config(config, batch_size=int(batch_size))  # meta device: no weights, no GPU
@@ -92,7 +98,7 @@ class Workbench:
         summary = (f"{about}\n\n**{info['visual_tokens']} visual tokens** per image on a {info['grid'][0]}×{info['grid'][1]} "
                    f"grid · {info['device']}, {info['dtype']}\n\nTraining memory (batch {int(batch_size)}): "
                    f"{memory['explanation']} — {verdict}.")
-        return info["diagram"], table, summary
+        return architecture_figure(info["architecture"]), info["diagram"], table, summary
 
     def save_config(self, encoder, integrator, llm, peft, options_json):
         from workbench.config import save_model_config
@@ -155,6 +161,8 @@ class Workbench:
         return [r["id"] for r in self.registry.list()]
 
     def progress(self, run_id: str | None):
+        from workbench.evaluation_figures import by_type_text, format_score, metric_name
+
         if not run_id:
             return "No run selected.", None, [], ""
         try:
@@ -171,7 +179,8 @@ class Workbench:
                                                           ("memory MB", p["memory_mb"])) if v is not None)
         text = (f"**{run_id}**: {status}\n\n{bar}\n\nstage {p['stage'] or '—'}, step {p['step'] or 0} · {numbers}"
                 f"\n\nhistory: {frontend.history_text(p['history'])}")
-        evals = [[e["step"], f"{e['metric']} {e['score']:.4f}", json.dumps(e["by_type"])] for e in p["evals"]]
+        evals = [[e["step"], f"{metric_name(e['metric'])} {format_score(e['score'], e['metric'])}",
+                  by_type_text(e["by_type"], e["metric"])] for e in p["evals"]]
         curves = frontend.curves_figure({run_id: self.registry.run_dir(run_id)})
         return text, curves, evals, p["log"]
 
@@ -310,35 +319,34 @@ class Workbench:
                 gr.update(choices=heads, value=str(head) if str(head) in heads else "mean"))
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self, run_id, split, limit, baseline, progress=gr.Progress()):
-        """Accuracy by question type beside a text-only baseline: a text-only run (trained without images) or,
-        by default, the same model with the images withheld — how much the image actually adds."""
-        from workbench.config import DataSpec
-        from workbench.evaluation import evaluate
+    def evaluate(self, run_id, kind, options_json, limit, baseline, progress=gr.Progress()):
+        """Any data kind scored with its task's metric (accuracy by question type, or BLEU-4 / CIDEr-D) beside a
+        text-only baseline: a text-only run (trained without images) or, by default, the same model with the
+        images withheld — how much the image actually adds. Returns the table, the bars and a summary line."""
+        from workbench.evaluation_figures import metric_name, score_table, scores_figure
 
         if not run_id:
             raise gr.Error("Pick a run")
-        data = DataSpec(kind="easy-vqa", options={"split": split})
         try:
+            options = json.loads(options_json or "{}")
+        except json.JSONDecodeError as e:
+            raise gr.Error(f"Loader options are not valid JSON: {e.msg} (line {e.lineno})") from None
+        try:
+            data = frontend.evaluation_data(kind, options)  # a bad path fails here, before a model loads
             progress(0, desc="evaluating")
             with self.cache.lock:
-                model = self.cache.get(run_id)
-                result = evaluate(model, data, limit=int(limit))
-                reference = None
-                if baseline and baseline != "none":
-                    if baseline != WITHHELD:
-                        model = self.cache.get(baseline)
-                    reference = evaluate(model, data, limit=int(limit), text_only=True)
+                reference = None if not baseline or baseline == "none" else "same" if baseline == WITHHELD \
+                    else (lambda: self.cache.get(baseline))
+                result, reference = frontend.evaluate_with_baseline(self.cache.get(run_id), data, int(limit),
+                                                                    reference)
         except Exception as e:  # noqa: BLE001
             _fail(e)
-        kinds = ["overall", *result["by_type"]]
-        value = lambda r, k: r["accuracy"] if k == "overall" else r["by_type"].get(k, float("nan"))  # noqa: E731
-        rows = [[k, f"{value(result, k):.4f}", "" if reference is None else f"{value(reference, k):.4f}"]
-                for k in kinds]
-        efficiency = (f"{result['count']} questions in {result['seconds']:.0f} s ({result['samples_per_s']:.1f}/s) · "
+        efficiency = (f"**{result['task']}**, scored by {metric_name(result['metric'])} · {result['count']} questions "
+                      f"in {result['seconds']:.0f} s ({result['samples_per_s']:.1f}/s) · "
                       f"{result['trainable_pct']:.2f}% trainable ({result['trainable_params']:,} parameters)"
-                      + ("" if reference is None else f" · baseline: {baseline}, without the images"))
-        return rows, efficiency
+                      + ("" if reference is None else " · baseline: the same questions without the images"
+                         + ("" if baseline == WITHHELD else f", asked of {baseline}")))
+        return score_table(result, reference), scores_figure(result, reference), efficiency
 
 
 def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
@@ -384,12 +392,13 @@ def _build_tab(wb: Workbench) -> list:
             save_btn = gr.Button("Save config")
             load_file = gr.File(label="Load config (YAML)", file_types=[".yaml", ".yml"], height=80)
         summary = gr.Markdown()
-        diagram = gr.Code(label="How the parts connect", language=None)
+        architecture = gr.Plot(label="Architecture: orange trains, grey stays frozen", elem_id="architecture")
+        diagram = gr.Code(label="How the parts connect (as text)", language=None)
         params = gr.Dataframe(headers=["component", "total", "trainable", "trainable %", "share %"],
                               label="Parameters per component", interactive=False)
         saved = gr.Textbox(label="Saved to", interactive=False)
     build_inputs = [encoder, integrator, llm, peft_method, options]
-    describe_btn.click(wb.describe, build_inputs + [batch], [diagram, params, summary])
+    describe_btn.click(wb.describe, build_inputs + [batch], [architecture, diagram, params, summary])
     save_btn.click(wb.save_config, build_inputs, saved)
     load_file.upload(wb.load_config, load_file, build_inputs)
 
@@ -529,17 +538,25 @@ def _attention_tab(wb: Workbench, source, chat_state) -> None:
 
 
 def _evaluate_tab(wb: Workbench):
+    kinds = [r["name"] for r in wb.catalog["data"]]
     with gr.Tab("Evaluate"):
         with gr.Row():
             eval_run = gr.Dropdown(wb.run_ids(), label="Run", allow_custom_value=True)
-            split = gr.Dropdown(["test", "train"], value="test", label="easy-VQA split")
+            eval_kind = gr.Dropdown(kinds, value="easy-vqa", label="Evaluation data")
+            eval_options = gr.Textbox(json.dumps(EVAL_DATA_OPTIONS["easy-vqa"]), label="Evaluation data options (JSON)",
+                                      scale=2)
+        with gr.Row():
             limit = gr.Number(200, label="Questions", precision=0)
             eval_baseline = gr.Dropdown([WITHHELD, "none"] + wb.run_ids(), value=WITHHELD, allow_custom_value=True,
                                         label="Text-only baseline (a text-only run, or the same model)")
             eval_btn = gr.Button("Evaluate", variant="primary")
-        accuracy = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False)
         efficiency = gr.Markdown()
-    eval_btn.click(wb.evaluate, [eval_run, split, limit, eval_baseline], [accuracy, efficiency])
+        with gr.Row():
+            scores = gr.Dataframe(headers=["question type", "accuracy", "text-only baseline"], interactive=False,
+                                  label="Scores", scale=1)
+            bars = gr.Plot(label="By question type, beside the baseline", elem_id="eval-bars", scale=2)
+    eval_kind.change(lambda k: json.dumps(EVAL_DATA_OPTIONS.get(k, {})), eval_kind, eval_options)
+    eval_btn.click(wb.evaluate, [eval_run, eval_kind, eval_options, limit, eval_baseline], [scores, bars, efficiency])
 
     return eval_run
 

@@ -3,8 +3,11 @@ no model logic of their own (the command line uses them too).
 
 - `catalog`: what can be picked (registries with metadata), integrators costed for a given encoder + LLM.
 - `describe_model` / `describe_config`: parameter table, visual tokens, memory estimate against the device, a
-  diagram (`describe_config` builds on the meta device: no weights loaded).
+  diagram and the architecture facts `diagrams.architecture_figure` draws (`describe_config` builds on the meta
+  device: no weights loaded).
 - `preview_data`: a few samples of a dataset and its bad-row report.
+- `evaluation_data` / `evaluate_with_baseline`: any data kind scored with its task's metric, beside the text-only
+  baseline (tables and bars: `evaluation_figures`).
 - `run_rows` / `run_progress` / `curves_figure`: the runs list, one run's live progress, loss/lr/eval curves.
 - `ModelCache`: the model a front end is chatting with or explaining, loaded once.
 - `watch_runs`: start queued background runs as slots free and report their progress until they end.
@@ -69,30 +72,40 @@ def model_diagram(model) -> str:
 
 
 def describe_model(model, batch_size: int = 16, seq_len: int = 128, precision: str = "no",
-                   device=None) -> dict[str, Any]:
-    """Everything the Build view shows about a model: parameters per component, tokens, memory, diagram.
+                   device=None, stages=None) -> dict[str, Any]:
+    """Everything the Build view shows about a model: parameters per component, tokens, memory, diagram (as
+    text, and as `architecture` facts that `diagrams.architecture_figure` draws).
 
     `device`: where it would train (default: where it is; for a model on the meta device, the device its
-    config names)."""
+    config names). `stages`: a run's stages, so the drawing shows what each one trains."""
+    from .diagrams import architecture
     from .training.memory import estimate_training_memory
 
     memory = estimate_training_memory(model, batch_size, seq_len, precision, device=device)
     return {"parameters": model.parameter_report(), "visual_tokens": model.num_visual_tokens,
             "grid": list(model.encoder.grid), "device": memory.device, "dtype": str(model.dtype),
-            "memory": {**memory.as_dict(), "explanation": memory.explain()}, "diagram": model_diagram(model)}
+            "memory": {**memory.as_dict(), "explanation": memory.explain()}, "diagram": model_diagram(model),
+            "architecture": architecture(model, stages)}
 
 
 def describe_config(config, batch_size: int = 16, seq_len: int = 128, precision: str = "auto") -> dict[str, Any]:
     """`describe_model` for a config without loading it: the model is built on the meta device (shapes and
     dtypes, no weights read, no memory taken), so the Build view can be clicked freely while runs hold the
     GPU. The memory estimate is against the device the config would train on, in the precision a run
-    there would use (`precision` as training.precision: auto, fp32, bf16, fp16)."""
+    there would use (`precision` as training.precision: auto, fp32, bf16, fp16). `config`: a ModelConfig, or a
+    RunConfig (its model, and its paradigm's stages in the architecture)."""
     from .llm import target_device, training_precision
     from .model import VisionLanguageModel
 
+    stages = None
+    if hasattr(config, "paradigm"):  # a run: its model, trained by its stages
+        from .paradigms import resolve_stages
+
+        stages, config = resolve_stages(config), config.model
     model = VisionLanguageModel.from_config(config, device="meta")
     try:
-        return describe_model(model, batch_size, seq_len, training_precision(precision, target_device(config.llm)))
+        return describe_model(model, batch_size, seq_len, training_precision(precision, target_device(config.llm)),
+                              stages=stages)
     finally:
         del model
         release_memory()
@@ -116,6 +129,40 @@ def preview_data(kind: str, options: dict | None = None, n: int = 4, seed: int =
                 "messages": s.messages} for s in picked]
     return {"count": len(data), "samples": samples,
             "report": report.as_dict() if report is not None else {}, "summary": report.summary() if report else ""}
+
+
+def evaluation_data(kind: str, options: dict | None = None):
+    """A dataset of any registered kind, loaded for evaluation: refused in one line when it holds no usable
+    question (a wrong folder, every row bad), before any model is loaded."""
+    from .data.loaders import load_dataset_spec
+
+    if not isinstance(options, dict):
+        raise ConfigError(f"Loader options must be a JSON object, e.g. {{\"split\": \"test\"}}; got {options!r}")
+    data = load_dataset_spec(kind, **options)
+    if len(data) == 0:
+        report = getattr(data, "report", None)
+        raise ConfigError(f"The {kind} data has no usable samples" + (f" ({report.summary()})" if report else ""))
+    return data
+
+
+def evaluate_with_baseline(model, data, limit: int | None = None, baseline="same") -> tuple[dict, dict | None]:
+    """`evaluation.evaluate` on `data`, and the same questions asked without their images of `baseline`: "same"
+    (this model), another model (a text-only run's), a function returning one (called only after the first
+    evaluation, so a small machine holds one model at a time), or None (no baseline). The gap between the two
+    scores is what the image adds."""
+    from .evaluation import evaluate
+
+    result = evaluate(model, data, limit=limit)
+    if baseline is None:
+        return result, None
+    if isinstance(baseline, str) and baseline == "same":
+        baseline = model
+    del model
+    from torch import nn
+
+    if callable(baseline) and not isinstance(baseline, nn.Module):  # a model is callable too
+        baseline = baseline()
+    return result, evaluate(baseline, data, result["task"], limit=limit, text_only=True)
 
 
 def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16, lr: float | None = None,

@@ -122,6 +122,27 @@ def peft_parameters(llm: nn.Module) -> list[nn.Parameter]:
     return unique_parameters(out)
 
 
+def peft_layers(llm: nn.Module) -> list[int]:
+    """The LLM layers (0 = first) that hold adapter modules, for diagrams: where LoRA, DoRA, IA3 or adaption
+    prompts sit; every layer for prefix tuning (its prefixes are per layer); none for prompt tuning, whose
+    virtual tokens enter before the first layer."""
+    import re
+
+    method = peft_method(llm)
+    if method in ("none", "prompt_tuning"):
+        return []
+    config = base_llm(llm).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if method == "prefix_tuning":
+        return list(range(int(config.num_hidden_layers)))
+    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    return sorted({int(m.group(1)) for name, module in llm.named_modules()
+                   if isinstance(module, (BaseTunerLayer, _BaseAdaptedAttention)) and (m := pattern.search(name + "."))})
+
+
 # ---------------------------------------------------------------------------------------------- building
 
 def check_peft_spec(spec: PeftSpec) -> None:

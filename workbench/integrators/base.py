@@ -167,3 +167,7 @@ class Integrator(nn.Module):
     def llm_parameters(self) -> list[nn.Parameter]:
         """Parameters this integrator placed inside the LLM (saved and trained with the integrator)."""
         return []
+
+    def llm_layers(self) -> list[int]:
+        """The LLM layers (0 = first) this integrator puts modules in: what a diagram draws inside the LLM."""
+        return []

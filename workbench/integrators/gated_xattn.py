@@ -122,6 +122,9 @@ class GatedCrossAttention(InLLMIntegrator):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.marker.expand(features.shape[0], 1, -1)
 
+    def llm_layers(self) -> list[int]:
+        return list(self.block_layers)
+
     def _install(self, layers: nn.ModuleList, hooks: HookSet) -> None:
         for i in self.block_layers:
             hooks.on_input(layers[i], self._block_hook(i))

@@ -110,6 +110,9 @@ class LaVINAdapter(InLLMIntegrator):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features)
 
+    def llm_layers(self) -> list[int]:
+        return list(self.adapted_layers)
+
     def _install(self, layers: nn.ModuleList, hooks: HookSet) -> None:
         for i in self.adapted_layers:
             for pos in self.positions:

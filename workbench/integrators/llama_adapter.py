@@ -71,6 +71,9 @@ class LLaMAAdapter(InLLMIntegrator):
             return self.marker.expand(features.shape[0], 1, -1)
         return self.prompts.new_zeros(features.shape[0], 0, self.context.llm_hidden)
 
+    def llm_layers(self) -> list[int]:
+        return list(self.adapted_layers)
+
     def _install(self, layers: nn.ModuleList, hooks: HookSet) -> None:
         self.__dict__["_queries"] = {}
         for slot, i in enumerate(self.adapted_layers):
