@@ -100,12 +100,14 @@ def test_token_layout_reads_grids_from_fixed_patch_maps():
                 pooled[t, y * 4 + x] = 0.25
     assert token_layout(pooled, True, (4, 4)) == ((2, 2), [])
     assert token_layout(pooled[[1, 0, 3, 2]], True, (4, 4)) == (None, [])  # not row-major: no grid claimed
-    assert token_layout(eye[:3], True, (4, 4)) == (None, [])  # three tokens in no rectangle
+    assert token_layout(eye[:3], True, (4, 4)) == ((1, 3), [])  # three patches of the first row
+    assert token_layout(eye[[0, 1, 4]], True, (4, 4)) == (None, [])  # three patches in no rectangle
 
 
 def _plant_words(model, image, words: list[int], scale: float = 20.0) -> None:
     """Set a linear projector (no norms) so visual token k's embedding is `scale` × the LM head's row of
-    words[k]: the least-squares map from this image's encoder features to those rows, exact for a few tokens."""
+    words[k]: the least-squares map from this image's encoder features to those rows, exact for a few tokens.
+    The final norm's gain is raised so the read-out is sharp (a token's own row then dominates its logits)."""
     with torch.no_grad():
         features = model.encode_images(model.pixel_values([image]))[0].float()  # (tokens, D_v)
         head = model.llm.get_output_embeddings().weight.float()
@@ -113,6 +115,7 @@ def _plant_words(model, image, words: list[int], scale: float = 20.0) -> None:
         weight = (torch.linalg.pinv(features) @ targets).T
         model.integrator.proj.weight.copy_(weight)
         model.integrator.proj.bias.zero_()
+        model.llm.model.norm.weight.mul_(10)  # the final RMSNorm removes scale: sharpen the read-out instead
 
 
 def test_the_logit_lens_reads_a_planted_word_at_every_layer_of_an_identity_stack(tiny_config, example_image):
@@ -120,8 +123,9 @@ def test_the_logit_lens_reads_a_planted_word_at_every_layer_of_an_identity_stack
 
     model = build(tiny_config, "linear", input_norm="none", output_norm=False)
     tok = model.tokenizer
-    words = [tok.convert_tokens_to_ids(w) for w in ("red", "Ġblue", "Ġgreen", "Ġcircle")]
-    assert tok.unk_token_id not in words
+    pieces = [tok.encode(w, add_special_tokens=False) for w in (" red", " blue", " green", " circle")]
+    assert all(len(p) == 1 for p in pieces)  # whole words of the tiny vocabulary
+    words = [p[0] for p in pieces]
     image = load_image(example_image)
     _plant_words(model, image, words)
     lens = logit_lens(model, Q, [image], top_k=3)
