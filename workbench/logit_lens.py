@@ -97,18 +97,24 @@ def _final_norm(llm) -> torch.nn.Module:
     return norm
 
 
-def decode(model, hidden: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(model, hidden: torch.Tensor, top_k: int = 5, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(…, H) hidden states → (…, k) probabilities and vocabulary ids, through the LLM's final norm and LM head."""
     from .peft_modules import base_llm
 
     llm = base_llm(model.llm)
     norm, head = _final_norm(llm), llm.get_output_embeddings()
     param = next(head.parameters())
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    k = min(top_k, head.out_features if hasattr(head, "out_features") else top_k)
+    values, indices = [], []
     with torch.no_grad():
-        logits = head(norm(hidden.to(device=param.device, dtype=param.dtype))).float()
-    probs = logits.softmax(dim=-1)
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    return top.values.cpu(), top.indices.cpu()
+        for rows in flat.split(chunk):  # a vocabulary-wide softmax per row: chunks keep the memory small
+            probs = head(norm(rows.to(device=param.device, dtype=param.dtype))).float().softmax(dim=-1)
+            top = probs.topk(k, dim=-1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.cpu())
+    shape = (*hidden.shape[:-1], k)
+    return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)
 
 
 def _layer_states(model, batch, features) -> tuple[list[torch.Tensor], object]:
