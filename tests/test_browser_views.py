@@ -49,7 +49,6 @@ def test_in_llm_adapter_attention_and_logit_lens(server, page, tiny_config, exam
     page.get_by_role("button", name="Explain").click()
     visible_text(page, "Answer tokens").wait_for()
     page.locator(".js-plotly-plot").filter(visible=True).first.wait_for()
-    page.get_by_label("Map over the image").locator("img").first.wait_for()
     assert page.locator(".js-plotly-plot .heatmaplayer").filter(visible=True).count() >= 1
     assert no_error_toast(page)
     shot(page, "views-01-adapter-attention")
