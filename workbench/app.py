@@ -348,7 +348,7 @@ class Workbench:
             figure = logit_lens_figure(lens, int(layer))
         except Exception as e:  # noqa: BLE001
             _fail(e)
-        shown = lens.layer_names[lens._layer(int(layer))]
+        shown = lens.layer_names[lens.layer_index(int(layer))]
         note = (f"Reads {views.lens}, through the LLM's final norm and LM head: each cell is a visual token labelled "
                 f"with its most probable word at **{shown}** (hover for the top {lens.probs.shape[-1]}); the slider "
                 f"moves through {', '.join(lens.layer_names[:1] + lens.layer_names[-1:])} and the layers between.")

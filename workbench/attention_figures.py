@@ -161,7 +161,7 @@ def logit_lens_figure(lens, layer: int = -1, title: str | None = None):
     hover shows the top-k words; a slider moves through the layers (the chosen one first)."""
     import plotly.graph_objects as go
 
-    start = lens._layer(layer)
+    start = lens.layer_index(layer)
     grid_tokens = [t for t in range(len(lens.token_labels)) if t not in lens.summary]
     rows, cols = lens.layout if lens.layout else (1, len(lens.token_labels))
     order = grid_tokens if lens.layout else list(range(len(lens.token_labels)))

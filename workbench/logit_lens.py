@@ -47,9 +47,10 @@ class LogitLens:
     """The image as the encoder saw it (square), for drawing the grid over it."""
 
     def top_words(self, layer: int) -> list[str]:
-        return [w[0] for w in self.words[self._layer(layer)]]
+        return [w[0] for w in self.words[self.layer_index(layer)]]
 
-    def _layer(self, layer: int) -> int:
+    def layer_index(self, layer: int) -> int:
+        """A read-out index (negative counts from the last), checked."""
         n = len(self.layer_names)
         if not -n <= layer < n:
             raise ConfigError(f"layer must be in 0..{n - 1} ({self.layer_names[0]} … {self.layer_names[-1]}), got {layer}")
