@@ -94,7 +94,7 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
                                              5, 0.0, 1.0))
     assert history[-1]["role"] == "assistant" and history[-1]["content"] and cleared is None
     assert state["session"].model is None  # a session kept by a browser tab does not pin the model (GPU memory)
-    overlay, heatmap, share, prompt, note, heads = wb.explain(run_id, state, 0, "mean", "attention", -1)
+    overlay, heatmap, share, prompt, note, heads, views = wb.explain(run_id, state, 0, "mean", "attention", -1)
     assert overlay.size[0] == overlay.size[1] and heatmap is not None and "Answer tokens" in note
     assert heads["choices"] == ["mean", "max", "0", "1", "2", "3"]  # the tiny LLM's 4 heads, read from the trace
     overlay, *_ = wb.explain(run_id, state, -1, "max", "gradient", 0)

@@ -17,14 +17,14 @@ FILLED = {  # tiny Llama with 2 layers: what each family records, field → keys
     ("resampler", (("num_latents", 3),)): {"latent_to_image": [0, 1], "image_share": [0, 1]},
     ("gated_xattn", (("every", 1),)): {"latent_to_image": [0], "text_to_latent": [0, 1], "gates": [0, 1]},
     ("lavin_mma", ()): {"routes": [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]},
-    ("llama_adapter", ()): {"text_to_prompt": [0, 1], "gates": [0, 1]},
+    ("llama_adapter", ()): {"text_to_prompt": [0, 1], "gates": [0, 1], "visual_prompts": [0, 1]},
 }
 
 
 def test_the_record_has_typed_fields_and_starts_empty():
     hints = typing.get_type_hints(AttentionRecord)
     assert set(hints) == {"latent_to_image", "latent_self", "image_share", "text_to_latent", "text_to_prompt",
-                          "gates", "routes"}
+                          "gates", "routes", "visual_prompts"}
     assert all(typing.get_origin(h) is dict and typing.get_args(h)[1] is torch.Tensor for h in hints.values())
     empty = AttentionRecord()
     assert not empty and empty.filled() == {}

@@ -288,21 +288,39 @@ class Workbench:
         yield history, state, None
 
     # ------------------------------------------------------------------ attention
-    def explain(self, source, session_state, token, head, method, layer):
-        from workbench.attention import image_map, trace_attention
-        from workbench.attention_figures import heatmap_figure, modality_share_figure, overlay_image, prompt_attention_figure
-
+    @staticmethod
+    def _last_question(session_state) -> tuple[list[dict], list, str]:
         last = (session_state or {}).get("last")
         if not last or not last["images"]:
             raise gr.Error("Ask a question about an image in Chat first: the attention view explains the last answer")
+        images = last["images"][-1:] if last["question"].count("<image>") == 1 else last["images"]
+        return [{"role": "user", "content": last["question"]}], images, last["answer"]
+
+    def attention_views(self, source):
+        """The views the chosen model's family has (the default preselected) and why the others are absent."""
+        from workbench.attention import available_views
+
+        try:
+            with self.cache.lock:
+                views = available_views(self.cache.get(source or "default"))
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return gr.update(choices=views.views, value=views.default), views.explanation().replace("\n", "  \n")
+
+    def explain(self, source, session_state, token, head, method, layer):
+        from workbench.attention import available_views, image_map, trace_attention
+        from workbench.attention_figures import heatmap_figure, modality_share_figure, overlay_image, prompt_attention_figure
+
+        messages, images, answer = self._last_question(session_state)
         head = int(head) if str(head).lstrip("-").isdigit() else head
         layers = None if int(layer) < 0 else [int(layer)]
         try:
             model = self.cache.get(source or "default")
             with self.cache.lock:
-                trace = trace_attention(model, [{"role": "user", "content": last["question"]}], last["images"][-1:]
-                                        if last["question"].count("<image>") == 1 else last["images"],
-                                        answer=last["answer"], relevancy=method in ("relevancy", "gradient"))
+                views = available_views(model)
+                asked, method = method, method if method in views.views else views.default
+                trace = trace_attention(model, messages, images, answer=answer,
+                                        relevancy=method in ("relevancy", "gradient"))
             token = max(-len(trace.answer_positions), min(int(token), len(trace.answer_positions) - 1))
             amap = image_map(trace, token, method, head, layers)
         except Exception as e:  # noqa: BLE001
@@ -310,13 +328,40 @@ class Workbench:
         tokens = ", ".join(f"{i}: {t!r}" for i, t in enumerate(trace.answer_tokens))
         note = f"Answer tokens — {tokens}. Showing token {token} ({trace.answer_tokens[token]!r}), {method}, head {head}, " \
                f"{'all layers' if layers is None else f'layer {layers[0]}'}."
+        if asked != method:
+            note += f" (No {asked} view for {views.integrator}: showing {method}.)"
         if trace.gates:
             note += " Gates: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in sorted(trace.gates.items()))
+        note += "\n\n" + views.explanation().replace("\n", "  \n")
         heads = ["mean", "max", *map(str, range(trace.num_heads))]  # the traced model's own head count
-        return (overlay_image(trace.images[0], amap), heatmap_figure(trace, token, method if method != "gradient" else
-                                                                     method, head),
+        return (overlay_image(trace.images[0], amap), heatmap_figure(trace, token, method, head),
                 modality_share_figure(trace), prompt_attention_figure(trace, token, "attention", head, layers), note,
-                gr.update(choices=heads, value=str(head) if str(head) in heads else "mean"))
+                gr.update(choices=heads, value=str(head) if str(head) in heads else "mean"),
+                gr.update(choices=views.views, value=method))
+
+    def logit_lens_view(self, source, session_state, layer):
+        """The logit lens on the last question's image: each visual token's top words at a layer."""
+        from workbench.attention import LOGIT_LENS, available_views
+        from workbench.attention_figures import logit_lens_figure, note_figure
+        from workbench.logit_lens import logit_lens
+
+        messages, images, _ = self._last_question(session_state)
+        try:
+            model = self.cache.get(source or "default")
+            with self.cache.lock:
+                views = available_views(model)
+                if views.lens is None:
+                    reason = f"No logit lens for {views.integrator}: {views.absent[LOGIT_LENS]}"
+                    return note_figure(reason, "Logit lens"), reason
+                lens = logit_lens(model, messages, images[-1:])
+            figure = logit_lens_figure(lens, int(layer))
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        shown = lens.layer_names[lens.layer_index(int(layer))]
+        note = (f"Reads {views.lens}, through the LLM's final norm and LM head: each cell is a visual token labelled "
+                f"with its most probable word at **{shown}** (hover for the top {lens.probs.shape[-1]}); the slider "
+                f"moves through {', '.join(lens.layer_names[:1] + lens.layer_names[-1:])} and the layers between.")
+        return figure, note
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, run_id, kind, options_json, limit, baseline, progress=gr.Progress()):
@@ -516,13 +561,15 @@ def _chat_tab(wb: Workbench):
 
 
 def _attention_tab(wb: Workbench, source, chat_state) -> None:
-    with gr.Tab("Attention"):
-        gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked.")
+    with gr.Tab("Attention") as attention_tab:
+        gr.Markdown("Explains the **last answer** in Chat: where on the image each answer token looked. "
+                    "The views offered are those the chosen model's integrator family has.")
         with gr.Row():
             token = gr.Number(0, label="Answer token (0 = first, -1 = last)", precision=0)
             head = gr.Dropdown(["mean", "max"], value="mean", label="Head",
                                info="single heads appear once an answer is explained: the model's own count")
-            method = gr.Dropdown(["attention", "rollout", "relevancy", "gradient"], value="attention", label="View")
+            method = gr.Dropdown(["gradient"], value="gradient", label="View",
+                                 info="the views this model's family has; filled when the tab opens")
             layer = gr.Number(-1, label="Layer (-1 = all)", precision=0)
             explain_btn = gr.Button("Explain", variant="primary")
         note = gr.Markdown()
@@ -532,9 +579,17 @@ def _attention_tab(wb: Workbench, source, chat_state) -> None:
         with gr.Row():
             share = gr.Plot(label="Image vs text attention per layer")
             prompt_plot = gr.Plot(label="Prompt tokens the answer drew on")
+        gr.Markdown("### Logit lens\nWhat each visual token of the last question's image reads as, layer by layer: "
+                    "its hidden state decoded through the LLM's final norm and LM head.")
+        with gr.Row():
+            lens_layer = gr.Number(-1, label="Logit lens layer (0 = embeddings, -1 = last)", precision=0)
+            lens_btn = gr.Button("Read the visual tokens")
+        lens_note = gr.Markdown()
+        lens_plot = gr.Plot(label="Logit lens: top word per visual token")
+    attention_tab.select(wb.attention_views, [source], [method, note])
     explain_btn.click(wb.explain, [source, chat_state, token, head, method, layer],
-                      [overlay_img, heatmap, share, prompt_plot, note, head])
-
+                      [overlay_img, heatmap, share, prompt_plot, note, head, method])
+    lens_btn.click(wb.logit_lens_view, [source, chat_state, lens_layer], [lens_plot, lens_note])
 
 
 def _evaluate_tab(wb: Workbench):

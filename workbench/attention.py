@@ -21,6 +21,7 @@ maps are distributions over the image's grid patches (non-negative, summing to 1
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -61,6 +62,12 @@ class AttentionTrace:
     gradient: torch.Tensor | None = None
     """(answer tokens, images, h·w) gradient × feature on the encoder's patches (with `relevancy=True`)."""
     integrator: str = ""
+    fixed_patch_map: bool = False
+    """Whether each visual token's patch map is fixed by the architecture (projectors, pooling, convolutions),
+    not read from this image's attention (Q-Former, resampler): only then do the tokens keep a grid."""
+    visual_prompts: bool = False
+    """Whether the integrator carried the image into the layers as vectors outside the sequence
+    (`AttentionRecord.visual_prompts`), which the logit lens can read."""
 
     @property
     def num_layers(self) -> int:
@@ -142,6 +149,8 @@ def trace_attention(model, messages: list[dict], images: Sequence = (), answer: 
             recorded = _recorded_views(model)
             patch_maps = _patch_maps(model, len(images))
         trace = _build_trace(model, batch, inputs, out, recorded, patch_maps, images, answer)
+        trace.fixed_patch_map = _fixed_patch_map(model)
+        trace.visual_prompts = bool(model.integrator.last_attention.visual_prompts)
         if relevancy:
             _add_relevancy(model, batch, trace, features)
     finally:
@@ -157,6 +166,12 @@ def _patch_maps(model, num_images: int) -> list[torch.Tensor | None]:
     if maps.dim() == 2:
         return [maps] * num_images
     return list(maps)
+
+
+def _fixed_patch_map(model) -> bool:
+    """A patch map of one matrix for every image (`Integrator.patch_map` contract) is the architecture's own."""
+    maps = model.integrator.patch_map()
+    return maps is not None and maps.dim() == 2
 
 
 def _recorded_views(model) -> tuple[dict[int, torch.Tensor], dict[int, float], torch.Tensor | None]:
@@ -362,3 +377,115 @@ def prompt_attention(trace: AttentionTrace, token: int = -1, method: str = "atte
     scores = token_scores(trace, token, method, head, layers)[: q + 1]
     scores = scores / scores.sum().clamp_min(1e-12)
     return [(trace.tokens[i], float(s)) for i, s in enumerate(scores)]
+
+
+# ---------------------------------------------------------------------------------------------- which views exist
+
+LOGIT_LENS = "logit lens"
+VIEW_PREFERENCE = ("relevancy", "attention", "rollout", "gradient")
+"""The default view is the first of these a family has: gradient-weighted relevancy is specific to the answer
+token and follows attention through every layer; raw attention next; rollout spreads over everything;
+the gradient view reaches every family but ignores the attention paths."""
+
+
+@dataclass
+class AvailableViews:
+    """Which views exist for one model's integrator family, derived from what its pass exposes."""
+
+    integrator: str
+    views: list[str]
+    """The image-map views (`image_map` methods) that render for this family, in `METHODS` order."""
+    default: str
+    """The most informative of `views` (the first in `VIEW_PREFERENCE`)."""
+    absent: dict[str, str]
+    """View (a method, or `LOGIT_LENS`) → one sentence on why this family does not have it."""
+    figures: dict[str, str]
+    """Companion figure ("modality share") → why it does not apply to this family; absent when it does."""
+    lens: str | None
+    """What the logit lens reads for this family (None when it has nothing to read: see `absent`)."""
+
+    def explanation(self) -> str:
+        """One line for the views offered, then one sentence per reason a view is absent (shared reasons once)."""
+        lines = [f"Views for {self.integrator}: " + ", ".join(f"{v} (default)" if v == self.default else v
+                                                           for v in self.views) + "."]
+        by_reason: dict[str, list[str]] = {}
+        for view, reason in self.absent.items():
+            by_reason.setdefault(reason, []).append(view)
+        lines += [f"No {_or(views)}: {reason}." for reason, views in by_reason.items()]
+        if self.lens:
+            lines.append(f"The logit lens reads {self.lens}.")
+        return "\n".join(lines)
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+_VIEWS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""integrator → its AvailableViews: the family's views do not change while the model lives."""
+
+
+def available_views(model_or_trace) -> AvailableViews:
+    """The views that exist for a model (one short probe pass on a blank image, remembered per model) or for a
+    trace already recorded, with the reason for each absent one and the best default.
+
+    Derived from the pass, not from integrator names: whether visual tokens sit in the LLM's sequence, whether
+    they have a path back to the patches (`Integrator.patch_map`), and which `AttentionRecord` fields the
+    integrator filled (gated cross-attention's text→latent maps, in-LLM visual prompts).
+    """
+    if isinstance(model_or_trace, AttentionTrace):
+        return _views_of_trace(model_or_trace)
+    model = model_or_trace
+    key = model.integrator
+    if key not in _VIEWS_OF:
+        _VIEWS_OF[key] = _views_of_trace(_probe_trace(model))
+    return _VIEWS_OF[key]
+
+
+def _probe_trace(model) -> AttentionTrace:
+    from PIL import Image
+
+    size = int(model.encoder.image_size)
+    blank = Image.new("RGB", (size, size), (128, 128, 128))
+    return trace_attention(model, [{"role": "user", "content": "<image>\n?"}], [blank], answer="a")
+
+
+def _views_of_trace(trace: AttentionTrace) -> AvailableViews:
+    name = trace.integrator or "this"
+    in_sequence = bool(trace.image_spans) and trace.image_spans[0][1] > 0
+    mapped = in_sequence and trace.patch_maps[0] is not None
+    if not in_sequence:
+        no_path = (f"{name} puts no visual tokens in the LLM's sequence (the image enters inside the layers), so the "
+                   "answer's attention has no path to the patches; the gradient view reaches them")
+    else:
+        no_path = (f"{name}'s visual tokens have no recorded path back to the image patches; "
+                   "the gradient view reaches them")
+    absent: dict[str, str] = {}
+    if trace.cross:
+        beside = ("gated cross-attention reaches the image through its blocks beside the sequence, while rollout and "
+                  "relevancy follow attention along the sequence")
+        absent.update(rollout=beside, relevancy=beside)
+        if trace.latent_maps is None:
+            absent["attention"] = f"{name} recorded no latent→patch attention to compose its blocks' maps with"
+    elif not mapped:
+        absent.update(attention=no_path, rollout=no_path, relevancy=no_path)
+    if not trace.images:
+        absent["gradient"] = "the prompt has no image"
+    views = [m for m in METHODS if m not in absent]
+    lens = None
+    if trace.visual_prompts:
+        lens = f"the vectors {name} feeds the image through inside its layers (one row per layer it adapts)"
+    elif in_sequence:
+        count = trace.image_spans[0][1]
+        lens = f"the {count} visual token{'s' if count > 1 else ''} of the image in the sequence, layer by layer"
+        if trace.cross:
+            lens += ": media markers, whose later layers take in the image through the cross-attention blocks"
+    else:
+        absent[LOGIT_LENS] = (f"{name} keeps no vector of the image at the LLM's width, in the sequence or in the "
+                              "layers, for the LM head to decode")
+    figures = {}
+    if not in_sequence:
+        figures["modality share"] = (f"{name} puts no visual tokens in the sequence: the answer's attention goes to "
+                                     "text only, and the image acts inside the layers")
+    default = next((v for v in VIEW_PREFERENCE if v in views), views[0] if views else "")
+    return AvailableViews(integrator=name, views=views, default=default, absent=absent, figures=figures, lens=lens)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionTrace, image_map, modality_share, prompt_attention
+from .attention import AttentionTrace, available_views, image_map, modality_share, prompt_attention
 
 _COLORSCALE = "Inferno"
 
@@ -55,6 +55,10 @@ def heatmap_figure(trace: AttentionTrace, token: int = -1, method: str = "attent
     view per answer token. Maps stay at grid resolution (smoothed when drawn), so the figure stays small."""
     import plotly.graph_objects as go
 
+    views = available_views(trace)
+    if method not in views.views:
+        return note_figure(f"No {method} view for {views.integrator}: {views.absent.get(method, 'not offered')}",
+                           title or f"{method}: not available")
     picture = trace.images[image] if trace.images else None
     width, height = picture.size if picture is not None else (trace.grid[1] * 32, trace.grid[0] * 32)
     h, w = trace.grid
@@ -103,6 +107,9 @@ def modality_share_figure(trace: AttentionTrace, token: int | None = None, head:
     """Plotly stacked bars: per layer, the share of the answer's attention on image vs text tokens."""
     import plotly.graph_objects as go
 
+    reason = available_views(trace).figures.get("modality share")
+    if reason:
+        return note_figure(reason, "Where the answer's attention goes, per layer")
     rows = modality_share(trace, token, head)
     layers = [r["layer"] for r in rows]
     fig = go.Figure([go.Bar(x=layers, y=[r["image"] for r in rows], name="image tokens"),
@@ -127,4 +134,67 @@ def prompt_attention_figure(trace: AttentionTrace, token: int = -1, method: str 
     fig = go.Figure(go.Bar(x=list(range(len(labels))), y=values, text=labels, hovertext=labels))
     fig.update_layout(title="Which prompt positions the answer token drew on", yaxis_title="share",
                       xaxis={"tickvals": list(range(len(labels))), "ticktext": labels, "tickangle": -60})
+    return fig
+
+
+def note_figure(text: str, title: str = ""):
+    """A figure that says, in words, why a view does not apply: an empty panel, never an error."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_annotation(text=_wrap(text), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 14}, align="center")
+    fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False}, height=260,
+                      margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    return fig
+
+
+def _wrap(text: str, width: int = 70) -> str:
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(text, width))
+
+
+def logit_lens_figure(lens, layer: int = -1, title: str | None = None):
+    """Plotly figure of the logit lens: each visual token labelled with its top word at a layer, coloured by that
+    word's probability, over the image's patch grid when the tokens keep it (else a row of queries/prompts);
+    hover shows the top-k words; a slider moves through the layers (the chosen one first)."""
+    import plotly.graph_objects as go
+
+    start = lens.layer_index(layer)
+    grid_tokens = [t for t in range(len(lens.token_labels)) if t not in lens.summary]
+    rows, cols = lens.layout if lens.layout else (1, len(lens.token_labels))
+    order = grid_tokens if lens.layout else list(range(len(lens.token_labels)))
+    picture = lens.image if lens.layout else None
+    width, height = picture.size if picture is not None else (cols * 80, rows * 80)
+
+    def cells(i: int, values):
+        return [[values(i, order[r * cols + c]) for c in range(cols)] for r in range(rows)]
+
+    def hover(i: int, t: int) -> str:
+        top = ", ".join(f"{w!r} {p:.2f}" for w, p in zip(lens.words[i][t], lens.probs[i, t].tolist()))
+        return f"{lens.token_labels[t]}: {top}"
+
+    fig = go.Figure()
+    if picture is not None:
+        fig.add_trace(go.Image(z=np.asarray(picture.convert("RGB")), hoverinfo="skip"))
+    offset = len(fig.data)
+    for i in range(len(lens.layer_names)):
+        fig.add_trace(go.Heatmap(
+            z=cells(i, lambda i, t: float(lens.probs[i, t, 0])), zmin=0, zmax=1,
+            text=cells(i, lambda i, t: lens.words[i][t][0].strip() or repr(lens.words[i][t][0])),
+            customdata=cells(i, hover), texttemplate="%{text}", textfont={"size": 14},
+            hovertemplate="%{customdata}<extra></extra>", colorscale=_COLORSCALE,
+            opacity=0.6 if picture is not None else 1.0, visible=i == start, colorbar={"title": "top-1 p"},
+            x0=width / cols / 2, dx=width / cols, y0=height / rows / 2, dy=height / rows))
+    n = len(lens.layer_names)
+    steps = [{"method": "update", "label": name,
+              "args": [{"visible": [True] * offset + [j == k for j in range(n)]}]}
+             for k, name in enumerate(lens.layer_names)]
+    fig.update_layout(sliders=[{"active": start, "steps": steps, "currentvalue": {"prefix": "read at: "}}])
+    summary = "" if not lens.summary else " · outside the grid: " + "; ".join(
+        hover(start, t) for t in lens.summary)
+    fig.update_layout(title=title or f"Logit lens: {lens.reads}{summary}",
+                      yaxis={"autorange": "reversed", "scaleanchor": "x", "visible": False, "range": [height, 0]},
+                      xaxis={"visible": False, "range": [0, width]}, margin={"l": 10, "r": 10, "t": 60, "b": 10})
     return fig

@@ -63,6 +63,10 @@ class AttentionRecord:
     cross-attention, one gate per head (heads,) for LLaMA-Adapter."""
     routes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     """LaVIN: (LLM layer, "attn" or "mlp") → (B, 2) routing weights per row (column 0 visual, 1 textual)."""
+    visual_prompts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Vectors at the LLM's hidden width that carry the image into a layer without being in the sequence
+    (LLaMA-Adapter's adaption prompts with the image feature added): LLM layer → (B or 1, prompts, hidden).
+    The logit lens decodes them where no visual token sits in the sequence."""
 
     def filled(self) -> dict[str, list]:
         """The fields that hold something, each with its sorted keys (layers; (layer, position) for routes)."""
@@ -70,6 +74,16 @@ class AttentionRecord:
 
     def __bool__(self) -> bool:
         return bool(self.filled())
+
+
+def one_token_per_encoder_token(context: IntegratorContext) -> torch.Tensor:
+    """The patch map of integrators that turn every encoder token into one visual token: identity on the grid,
+    a kept CLS token (first) summarising the whole image (uniform row)."""
+    h, w = context.grid
+    m = torch.eye(h * w)
+    if context.has_cls:
+        m = torch.cat([torch.full((1, h * w), 1.0 / (h * w)), m])
+    return m
 
 
 class FeatureStandardizer(nn.BatchNorm1d):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
+from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer, one_token_per_encoder_token
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -29,11 +29,7 @@ class _TokenProjector(Integrator):
 
     def patch_map(self) -> torch.Tensor:
         """One visual token per patch (identity); a kept CLS token summarises the whole image (uniform row)."""
-        h, w = self.context.grid
-        m = torch.eye(h * w)
-        if self.context.has_cls:
-            m = torch.cat([torch.full((1, h * w), 1.0 / (h * w)), m])
-        return m
+        return one_token_per_encoder_token(self.context)
 
 
 @INTEGRATORS.register("linear", family="dense projector", follows="LLaVA (Liu et al., 2023)",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import IntegratorContext, TextScaleNorm, input_norm_layer
+from .base import IntegratorContext, TextScaleNorm, input_norm_layer, one_token_per_encoder_token
 from .llm_layers import HookSet, InLLMIntegrator, llm_shape
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "none": nn.Identity}
@@ -112,6 +112,10 @@ class LaVINAdapter(InLLMIntegrator):
 
     def llm_layers(self) -> list[int]:
         return list(self.adapted_layers)
+
+    def patch_map(self) -> torch.Tensor:
+        """The prefix keeps one visual token per encoder token, so the attention views reach the patches."""
+        return one_token_per_encoder_token(self.context)
 
     def _install(self, layers: nn.ModuleList, hooks: HookSet) -> None:
         for i in self.adapted_layers:

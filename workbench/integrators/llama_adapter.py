@@ -22,7 +22,8 @@ its own named integrator.
   `media_marker=true` instead puts one learned marker token per image where the placeholder was.
 
 With `record_attention`, `last_attention` holds per adapted layer the query→prompt attention
-(B, heads, T, prompt_length) in `text_to_prompt[layer]` and the per-head gates (heads,) in `gates[layer]`.
+(B, heads, T, prompt_length) in `text_to_prompt[layer]`, the per-head gates (heads,) in `gates[layer]` and the
+prompts themselves, image feature added, (B or 1, prompt_length, H) in `visual_prompts[layer]` (the logit lens).
 """
 from __future__ import annotations
 
@@ -135,6 +136,7 @@ class LLaMAAdapter(InLLMIntegrator):
             if self.record_attention:
                 self.last_attention.text_to_prompt[layer] = probs.detach()
                 self.last_attention.gates[layer] = gate.detach()
+                self.last_attention.visual_prompts[layer] = prompt.detach()
             y = merge_heads(out).to(output.dtype)
             delta = attn.o_proj(y) - attn.o_proj(y.new_zeros(1, 1, y.shape[-1]))  # o_proj's bias not added twice
             return output + delta
