@@ -3,7 +3,6 @@ build and describe, preview data, launch a background run and watch it finish, c
 the answer, evaluate; bad input becomes a readable gr.Error; exposing the app needs credentials."""
 import json
 import socket
-import sys
 import time
 import urllib.request
 from pathlib import Path
