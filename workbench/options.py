@@ -235,8 +235,8 @@ def from_form(what: str, option: Option, raw: Any) -> Any:
             return match[0]
         if option.type == "list":
             raw = [_parse_word(word.strip(), option.item) for word in text.split(",") if word.strip()]
-        elif option.type == "union":
-            for member in option.members:
+        elif option.type == "union":  # text reads as a number where it is one: "2" → 2, "all" stays text
+            for member in sorted(option.members, key=lambda m: m == "str"):
                 try:
                     return check_value(what, option, _parse_word(text, member))
                 except ConfigError:
