@@ -527,15 +527,15 @@ def _train_tab(wb: Workbench, build_inputs: list, data_kind, data_options):
             stages = gr.Dataframe(headers=STAGE_COLUMNS, datatype=["str", "str", "str", "number", "number", "number",
                                                                    "number"],
                                   type="array", interactive=True, static_columns=[0, 1, 2],
-                                  label="Stages (epochs, minutes (0 = none) and learning rates are editable)")
+                                  label="Stages (epochs, minutes (0 = none) and learning rates are editable; a new "
+                                        "overall budget is spread over the stages in proportion to their minutes)")
             with gr.Row():
-                budget = gr.Number(0, label="Overall time budget (minutes, 0 = none)",
-                                   info="spread over the stages in proportion to their minutes")
-                recipe_llm = gr.Textbox(label="Recipe LLM", info="an embedded name, a hub id or a local folder")
+                budget = gr.Number(0, label="Overall time budget (minutes, 0 = none)")
+                recipe_llm = gr.Textbox(label="Recipe LLM", placeholder="an embedded name, a hub id or a local folder")
                 peft_method = gr.Dropdown(list(METHODS), label="Recipe PEFT method")
-                peft_r = gr.Number(8, label="PEFT rank", precision=0, info="lora and dora")
-                peft_layers = gr.Textbox(label="PEFT layers", info="layer indices, e.g. 22, 23; empty = all layers")
-                peft_targets = gr.Textbox(label="PEFT target modules", info="e.g. q_proj, v_proj; empty = usual ones")
+                peft_r = gr.Number(8, label="PEFT rank", precision=0)
+                peft_layers = gr.Textbox(label="PEFT layers", placeholder="layer indices, e.g. 22, 23; empty = all")
+                peft_targets = gr.Textbox(label="PEFT target modules", placeholder="e.g. q_proj, v_proj; empty = usual")
             with gr.Row():
                 recipe_kind = gr.Dropdown([r["name"] for r in wb.catalog["data"]], label="Recipe dataset")
                 recipe_data = gr.Textbox(label="Recipe dataset options (JSON)", scale=2)
