@@ -28,6 +28,20 @@ def dropdown_values(app: gr.Blocks, label: str) -> list:
     return [value for _, value in dropdown.choices]
 
 
+def form(wb, integrator: str, peft: str = "none", **values) -> list:
+    """The option forms' values as the browser sends them: defaults, with `values` typed into the chosen
+    integrator's (or PEFT method's) fields."""
+    from workbench.options import to_form
+
+    return [values.get(f.option.name, to_form(f.option, f.option.default))
+            if (f.kind, f.owner) in (("integrator", integrator), ("peft", peft)) else to_form(f.option, f.option.default)
+            for f in wb.fields]
+
+
+CUSTOM = (app_module.CUSTOM, None, 0, "none", 8, "", "", "", "easy-vqa", "{}")
+"""The recipe part of `launch`'s inputs when the custom (Build tab) flow is picked."""
+
+
 def _drain(generator):
     out = None
     for out in generator:
@@ -42,23 +56,31 @@ def test_build_describes_any_integrator(wb, tiny_llm_dir, monkeypatch):
     real = VisionLanguageModel.from_config.__func__
     monkeypatch.setattr(VisionLanguageModel, "from_config",
                         classmethod(lambda cls, config, device=None: built.append(device) or real(cls, config, device)))
-    figure, diagram, table, summary = wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
-                                                  '{"num_queries": 8}', 4)
+    figure, diagram, table, summary = wb.describe(4, "mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
+                                                  *form(wb, "qformer", "lora", num_queries=8, r=4))
     assert built == ["meta"]  # each click builds shapes only: no weights loaded, no GPU memory taken
     assert "8 visual token(s)" in diagram and "lora" in diagram
     assert any(a.name == "tokens integrator→llm" and a.text.startswith("8 visual tokens") for a in figure.layout.annotations)
     assert [row[0] for row in table][:2] == ["encoder", "integrator"] and table[-1][0] == "total"
     assert "**8 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
-    for bad, message in (("{nope", "not valid JSON"), ('{"num_querys": 3}', "Unknown option 'num_querys'")):
+    for bad, message in (({"num_queries": 0}, "'num_queries' of integrator 'qformer' must be at least 1"),
+                         ({"num_queries": 2.5}, "'num_queries' of integrator 'qformer' must be int"),
+                         ({"input_norm": "sideways"}, "must be one of layer, batch, none, true, false"),
+                         ({"dropout": 1.5}, "'dropout' of integrator 'qformer' must be at most 1")):
         with pytest.raises(gr.Error, match=message):
-            wb.describe("mobilenet_v2", "qformer", str(tiny_llm_dir), "none", bad, 4)
+            wb.describe(4, "mobilenet_v2", "qformer", str(tiny_llm_dir), "none", *form(wb, "qformer", **bad))
+    with pytest.raises(gr.Error, match="'r' of PEFT method lora must be at least 1"):
+        wb.describe(4, "mobilenet_v2", "mlp", str(tiny_llm_dir), "lora", *form(wb, "mlp", "lora", r=0))
     with pytest.raises(gr.Error, match="Unknown encoder"):
-        wb.describe("resnet_magic", "mlp", str(tiny_llm_dir), "none", "{}", 4)
+        wb.describe(4, "resnet_magic", "mlp", str(tiny_llm_dir), "none", *form(wb, "mlp"))
 
 
 def test_config_save_and_load_round_trip(wb, tiny_llm_dir):
-    path = wb.save_config("mobilenet_v2", "resampler", str(tiny_llm_dir), "none", '{"num_latents": 4}')
-    assert wb.load_config(path) == ("mobilenet_v2", "resampler", str(tiny_llm_dir), "none", '{"num_latents": 4}')
+    values = form(wb, "resampler", "lora", num_latents=4, input_norm="batch", layers="0, 1", target_modules="q_proj")
+    path = wb.save_config("mobilenet_v2", "resampler", str(tiny_llm_dir), "lora", *values)
+    saved = Path(path).read_text()
+    assert "num_latents: 4" in saved and "num_layers" not in saved  # only what differs from the defaults
+    assert wb.load_config(path) == ("mobilenet_v2", "resampler", str(tiny_llm_dir), "lora", *values)
     with pytest.raises(gr.Error, match="Choose a YAML"):
         wb.load_config(None)
 
@@ -77,9 +99,8 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
                                {"from": "gpt", "value": "red"}]} for i in range(8)]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows))
-    run_id, update = wb.launch("mobilenet_v2", "mlp", str(tiny_llm_dir), "none", "{}", "llava",
-                               json.dumps({"json_path": str(data)}), "single-stage", "app run", 4, 1e-3, 1, 0, 0,
-                               False)
+    run_id, update = wb.launch(*CUSTOM, "llava", json.dumps({"json_path": str(data)}), "single-stage", "app run", 4,
+                               1e-3, 1, 0, 0, False, "mobilenet_v2", "mlp", str(tiny_llm_dir), "none", *form(wb, "mlp"))
     assert update["value"] == run_id
     row = wb.registry.wait(run_id, timeout=240)
     assert row["status"] == "completed", row
@@ -120,8 +141,8 @@ def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_
 
 def test_direct_adaptation_without_peft_is_refused(wb, tiny_llm_dir):
     with pytest.raises(gr.Error, match="peft.method"):
-        wb.launch("mobilenet_v2", "mlp", str(tiny_llm_dir), "none", "{}", "easy-vqa", "{}", "direct", "", 4, 1e-3,
-                  1, 0, 0, False)
+        wb.launch(*CUSTOM, "easy-vqa", "{}", "direct", "", 4, 1e-3, 1, 0, 0, False, "mobilenet_v2", "mlp",
+                  str(tiny_llm_dir), "none", *form(wb, "mlp"))
 
 
 def test_exposing_the_app_needs_credentials(tmp_path, monkeypatch, capsys):

@@ -39,6 +39,7 @@ def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, ex
     page.wait_for_function("(el) => el.value.includes('path/to')", arg=options.element_handle())
     fill(page, "Loader options (JSON)", json.dumps({"json_path": str(data)}))
     tab(page, "Train")
+    pick(page, "Recipe", "custom (from the Build tab)")  # the Build tab's pickers, the Data tab's dataset
     fill(page, "Time budget (minutes, 0 = none)", 0)
     fill(page, "Batch size", 4)
     fill(page, "Epochs per stage", 40)  # long enough to reload mid-run

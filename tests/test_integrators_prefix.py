@@ -245,7 +245,7 @@ def test_unknown_option_is_a_config_error(name):
 @pytest.mark.parametrize("name, options, message", [
     ("c_abstractor", {"num_tokens": 10}, "perfect square"),
     ("avg_pool", {"num_tokens": 8}, "perfect square"),
-    ("avg_pool", {"num_tokens": 0}, "perfect square"),
+    ("avg_pool", {"num_tokens": 0}, "'num_tokens' of integrator 'avg_pool' must be at least 1"),
     ("c_abstractor", {"depth": 0}, "depth"),
     ("avg_pool", {"depth": 0}, "depth"),
     ("avg_pool", {"keep_cls": True}, "CLS"),

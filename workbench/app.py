@@ -37,6 +37,7 @@ DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-ca
 EVAL_DATA_OPTIONS = {**{k: {o: v for o, v in opts.items() if o != "limit"} for k, opts in DEFAULT_DATA_OPTIONS.items()},
                      "easy-vqa": {"split": "test"}}
 """The same templates for the Evaluate tab: held-out questions, and its own question limit instead of the loader's."""
+CUSTOM = "custom (from the Build tab)"
 
 
 def _fail(e: Exception):
@@ -62,29 +63,28 @@ class Workbench:
         self.registry = RunRegistry(runs_dir)
         self.cache = frontend.ModelCache(self.registry)
         self.catalog = frontend.catalog()
+        from workbench.forms import option_fields
+
+        self.fields = option_fields()
+        """One form field per declared integrator and PEFT option; the Build tab lays them out in this order."""
 
     # ------------------------------------------------------------------ build
-    def model_config(self, encoder: str, integrator: str, llm: str, peft: str, options_json: str):
-        from workbench.config import EncoderSpec, IntegratorSpec, LLMSpec, ModelConfig, PeftSpec
+    def model_config(self, encoder: str, integrator: str, llm: str, peft: str, *form_values):
+        """The Build tab's choices as a ModelConfig; `form_values`: one per `self.fields` (the option forms)."""
+        from workbench.config import EncoderSpec, IntegratorSpec, LLMSpec, ModelConfig
+        from workbench.forms import read_form
 
-        try:
-            options = json.loads(options_json or "{}")
-        except json.JSONDecodeError as e:
-            raise gr.Error(f"Integrator options are not valid JSON: {e.msg} (line {e.lineno})") from None
-        if not isinstance(options, dict):
-            raise gr.Error("Integrator options must be a JSON object, e.g. {\"num_queries\": 16}")
+        options, peft_spec = read_form(self.fields, list(form_values), integrator, peft)
         config = ModelConfig(encoder=EncoderSpec(name=encoder), integrator=IntegratorSpec(name=integrator, options=options),
-                             llm=LLMSpec(name=llm), system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
-        if peft != "none":
-            config.peft = PeftSpec(method=peft)
+                             llm=LLMSpec(name=llm), peft=peft_spec, system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
         return config.validate()
 
-    def describe(self, encoder, integrator, llm, peft, options_json, batch_size):
+    def describe(self, batch_size, encoder, integrator, llm, peft, *form_values):
         """The drawn architecture, its text tree, the parameter table and a summary (built on the meta device)."""
         from workbench.diagrams import architecture_figure
 
         try:
-            config = self.model_config(encoder, integrator, llm, peft, options_json)
+            config = self.model_config(encoder, integrator, llm, peft, *form_values)
             info = frontend.describe_config(config, batch_size=int(batch_size))  # meta device: no weights, no GPU
         except Exception as e:  # noqa: BLE001
             _fail(e)
@@ -100,26 +100,39 @@ class Workbench:
                    f"{memory['explanation']} — {verdict}.")
         return architecture_figure(info["architecture"]), info["diagram"], table, summary
 
-    def save_config(self, encoder, integrator, llm, peft, options_json):
+    def save_config(self, encoder, integrator, llm, peft, *form_values):
         from workbench.config import save_model_config
 
         try:
-            config = self.model_config(encoder, integrator, llm, peft, options_json)
+            config = self.model_config(encoder, integrator, llm, peft, *form_values)
             path = self.registry.root / "configs" / f"{encoder}-{integrator}-{llm.replace('/', '_')}.yaml"
             return str(save_model_config(config, path))
         except Exception as e:  # noqa: BLE001
             _fail(e)
 
     def load_config(self, file):
+        """The Build tab's pickers and option forms showing a saved model (or run) config."""
         from workbench.config import load_model_config
+        from workbench.forms import fill_form
 
         if file is None:
             raise gr.Error("Choose a YAML config file first")
         try:
             c = load_model_config(file)
+            values = fill_form(self.fields, c.integrator, c.peft)
         except Exception as e:  # noqa: BLE001
             _fail(e)
-        return c.encoder.name, c.integrator.name, c.llm.name, c.peft.method, json.dumps(c.integrator.options)
+        return (c.encoder.name, c.integrator.name, c.llm.name, c.peft.method, *values)
+
+    def check_option(self, field_index: int, raw):
+        """One option field checked as it is left: a wrong value is refused there, with the reason."""
+        from workbench.options import from_form
+
+        f = self.fields[field_index]
+        try:
+            from_form(f"{f.kind} '{f.owner}'", f.option, raw)
+        except WorkbenchError as e:
+            gr.Warning(str(e).splitlines()[0])
 
     # ------------------------------------------------------------------ data
     def preview(self, kind: str, options_json: str):
@@ -141,16 +154,62 @@ class Workbench:
         return gallery, counts, [s["messages"] for s in data["samples"]]
 
     # ------------------------------------------------------------------ train
-    def launch(self, encoder, integrator, llm, peft, options_json, kind, data_options, paradigm, name, batch_size,
-               lr, epochs, max_minutes, eval_every, text_only):
+    def recipe_choices(self) -> list[tuple[str, str]]:
+        from workbench.recipes import recipe_catalog
+
+        return [(CUSTOM, CUSTOM)] + [(r.label, r.key) for r in recipe_catalog(self.registry)]
+
+    def show_recipe(self, key: str):
+        """A picked recipe's summary and editable fields (the custom choice shows the Build-tab flow instead)."""
+        from workbench.recipes import find_recipe, recipe_catalog, recipe_fields
+
+        if key == CUSTOM:
+            return ("Builds the run from the **Build** tab's pickers, the **Data** tab's dataset and the paradigm "
+                    "below.", gr.update(visible=False), gr.update(visible=True), *[gr.update()] * 10)
+        try:
+            recipe = find_recipe(recipe_catalog(self.registry), key)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        f = recipe_fields(recipe.run)
+        return (f"**{recipe.label}** — {recipe.summary}", gr.update(visible=True), gr.update(visible=False),
+                f["stages"], f["budget"], f["peft_method"], f["peft_r"], f["peft_layers"], f["peft_targets"],
+                f["llm"], f["data_kind"], json.dumps(f["data_options"]), f["batch_size"])
+
+    def recipe_run(self, key, stages, budget, peft_method, peft_r, peft_layers, peft_targets, llm, kind,
+                   data_options, name, batch_size, eval_every, text_only):
+        """The picked recipe with the Train tab's edits, validated (one readable line when an edit is wrong)."""
+        from workbench.recipes import apply_edits, find_recipe, recipe_catalog
+
+        try:
+            options = json.loads(data_options or "{}")
+        except json.JSONDecodeError as e:
+            raise gr.Error(f"Recipe data options are not valid JSON: {e.msg}") from None
+        recipe = find_recipe(recipe_catalog(self.registry), key)
+        run = apply_edits(recipe.run, {"name": name, "llm": llm, "batch_size": batch_size, "stages": stages,
+                                       "budget": budget, "peft_method": peft_method, "peft_r": peft_r,
+                                       "peft_layers": peft_layers, "peft_targets": peft_targets, "data_kind": kind,
+                                       "data_options": options})
+        if eval_every is not None:
+            run.training.eval_every = int(eval_every)
+        run.text_only = bool(text_only)
+        return run
+
+    def launch(self, recipe, stages, budget, peft_method, peft_r, peft_layers, peft_targets, recipe_llm,
+               recipe_kind, recipe_data_options, kind, data_options, paradigm, name, batch_size, lr, epochs,
+               max_minutes, eval_every, text_only, encoder, integrator, llm, peft, *form_values):
         from workbench.config import DataSpec
 
         try:
-            model = self.model_config(encoder, integrator, llm, peft, options_json)
-            data = DataSpec(kind=kind, options=json.loads(data_options or "{}"))
-            eval_data = DataSpec(kind="easy-vqa", options={"split": "test"}) if kind == "easy-vqa" else None
-            run = frontend.run_config(model, data, paradigm, name, batch_size, lr, epochs, max_minutes, eval_every,
-                                      text_only, eval_data)
+            if recipe and recipe != CUSTOM:
+                run = self.recipe_run(recipe, stages, budget, peft_method, peft_r, peft_layers, peft_targets,
+                                      recipe_llm, recipe_kind, recipe_data_options, name, batch_size, eval_every,
+                                      text_only)
+            else:
+                model = self.model_config(encoder, integrator, llm, peft, *form_values)
+                data = DataSpec(kind=kind, options=json.loads(data_options or "{}"))
+                eval_data = DataSpec(kind="easy-vqa", options={"split": "test"}) if kind == "easy-vqa" else None
+                run = frontend.run_config(model, data, paradigm, name, batch_size, lr, epochs, max_minutes, eval_every,
+                                          text_only, eval_data)
             run_id = self.registry.create(run)
             self.registry.start(run_id)
         except Exception as e:  # noqa: BLE001
@@ -402,7 +461,7 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
                     "Everything marked *offline* runs on this machine without a network.")
         build_inputs = _build_tab(wb)
         data_kind, data_options = _data_tab(wb)
-        run_pick = _train_tab(wb, build_inputs, data_kind, data_options)
+        run_pick, recipe, recipe_view = _train_tab(wb, build_inputs, data_kind, data_options)
         refresh, runs, compare, delete_pick, export_pick = _runs_tab(wb)
         source, chat_state = _chat_tab(wb)
         _attention_tab(wb, source, chat_state)
@@ -412,6 +471,8 @@ def build_app(runs_dir: str | Path | None = None) -> gr.Blocks:
             event(lambda: gr.update(choices=wb.run_ids()), None, export_pick)
             event(wb.runs_table, None, [runs, compare, source])
             event(lambda: (gr.update(choices=wb.run_ids()),) * len(lists), None, lists)
+        app.load(lambda: gr.update(choices=wb.recipe_choices()), None, recipe)  # saved runs are recipes too
+        app.load(wb.show_recipe, recipe, recipe_view)
     app.workbench = wb
     return app
 
@@ -429,9 +490,8 @@ def _build_tab(wb: Workbench) -> list:
             integrator = gr.Dropdown(integrators, value="mlp", label="Modality integrator")
             llm = gr.Dropdown(llms, value="smollm2-135m-instruct", label="LLM", allow_custom_value=True)
             peft_method = gr.Dropdown(peft, value="none", label="PEFT modules in the LLM")
-        with gr.Row():
-            options = gr.Textbox("{}", label="Integrator options (JSON)", scale=3)
-            batch = gr.Number(16, label="Batch size (for the memory estimate)", precision=0, scale=1)
+        fields, integrator_groups, peft_groups = _option_forms(wb, integrator.value, peft_method.value)
+        batch = gr.Number(16, label="Batch size (for the memory estimate)", precision=0)
         with gr.Row():
             describe_btn = gr.Button("Build and describe", variant="primary")
             save_btn = gr.Button("Save config")
@@ -442,12 +502,52 @@ def _build_tab(wb: Workbench) -> list:
         params = gr.Dataframe(headers=["component", "total", "trainable", "trainable %", "share %"],
                               label="Parameters per component", interactive=False)
         saved = gr.Textbox(label="Saved to", interactive=False)
-    build_inputs = [encoder, integrator, llm, peft_method, options]
-    describe_btn.click(wb.describe, build_inputs + [batch], [architecture, diagram, params, summary])
+    build_inputs = [encoder, integrator, llm, peft_method, *fields]
+    integrator.change(lambda name: [gr.update(visible=n == name) for n in integrator_groups], integrator,
+                      list(integrator_groups.values()))
+    peft_method.change(lambda name: [gr.update(visible=n == name) for n in peft_groups], peft_method,
+                       list(peft_groups.values()))
+    describe_btn.click(wb.describe, [batch] + build_inputs, [architecture, diagram, params, summary])
     save_btn.click(wb.save_config, build_inputs, saved)
     load_file.upload(wb.load_config, load_file, build_inputs)
 
     return build_inputs
+
+
+def _option_forms(wb: Workbench, integrator: str, peft: str):
+    """One group of fields per integrator and per PEFT method, generated from their declared options (only the
+    chosen ones show); returns the fields in `wb.fields` order and the groups by name."""
+    from workbench.options import to_form
+
+    fields, groups = [], {"integrator": {}, "peft": {}}
+    for kind, title, chosen in (("integrator", "Integrator options", integrator), ("peft", "PEFT options", peft)):
+        owners = dict.fromkeys(f.owner for f in wb.fields if f.kind == kind)
+        for owner in owners:
+            with gr.Group(visible=owner == chosen) as group:
+                gr.Markdown(f"**{title}: {owner}**")
+                with gr.Row():
+                    for f in (f for f in wb.fields if f.kind == kind and f.owner == owner):
+                        fields.append(_option_field(f.option, to_form(f.option, f.option.default)))
+            groups[kind][owner] = group
+    for i, field in enumerate(fields):
+        if not isinstance(field, gr.Checkbox):  # a checkbox cannot hold a wrong value
+            field.blur(lambda raw, i=i: wb.check_option(i, raw), field, None)
+    return fields, groups["integrator"], groups["peft"]
+
+
+def _option_field(option, value):
+    """The input that suits an option's declared type, its help as the field's info line."""
+    info = option.help or None
+    if option.type == "bool":
+        return gr.Checkbox(value, label=option.name, info=info)
+    if option.type in ("int", "float") and not option.optional:
+        return gr.Number(value, label=option.name, info=info, precision=0 if option.type == "int" else None,
+                         minimum=option.minimum, maximum=option.maximum)
+    if option.type == "choice":
+        from workbench.options import to_form
+
+        return gr.Dropdown([to_form(option, c) for c in option.choices], value=value, label=option.name, info=info)
+    return gr.Textbox(value, label=option.name, info=info, placeholder="empty = default")
 
 
 def _data_tab(wb: Workbench):
@@ -466,17 +566,42 @@ def _data_tab(wb: Workbench):
 
 
 def _train_tab(wb: Workbench, build_inputs: list, data_kind, data_options):
+    from workbench.peft_modules import METHODS
+    from workbench.recipes import STAGE_COLUMNS, default_recipe, recipe_catalog
+
     paradigms = {r["name"]: r for r in wb.catalog["paradigms"]}
     with gr.Tab("Train"):
         with gr.Row():
-            paradigm = gr.Radio(list(paradigms), value="single-stage", label="Training paradigm")
+            recipe = gr.Dropdown(wb.recipe_choices(), value=default_recipe(recipe_catalog(wb.registry)) or CUSTOM,
+                                 label="Recipe", scale=2,
+                                 info="an example config or a saved run's; custom builds from the Build tab")
             run_name = gr.Textbox(label="Run name (optional)")
-        explanation = gr.Markdown(paradigms["single-stage"].get("explanation", ""))
+        recipe_md = gr.Markdown()
+        with gr.Group() as recipe_group:
+            stages = gr.Dataframe(headers=STAGE_COLUMNS, datatype=["str", "str", "str", "number", "number", "number",
+                                                                   "number"],
+                                  type="array", interactive=True, static_columns=[0, 1, 2],
+                                  label="Stages (epochs, minutes (0 = none) and learning rates are editable; a new "
+                                        "overall budget is spread over the stages in proportion to their minutes)")
+            with gr.Row():
+                budget = gr.Number(0, label="Overall time budget (minutes, 0 = none)")
+                recipe_llm = gr.Textbox(label="Recipe LLM", placeholder="an embedded name, a hub id or a local folder")
+                peft_method = gr.Dropdown(list(METHODS), label="Recipe PEFT method")
+                peft_r = gr.Number(8, label="PEFT rank", precision=0)
+                peft_layers = gr.Textbox(label="PEFT layers", placeholder="layer indices, e.g. 22, 23; empty = all")
+                peft_targets = gr.Textbox(label="PEFT target modules", placeholder="e.g. q_proj, v_proj; empty = usual")
+            with gr.Row():
+                recipe_kind = gr.Dropdown([r["name"] for r in wb.catalog["data"]], label="Recipe dataset")
+                recipe_data = gr.Textbox(label="Recipe dataset options (JSON)", scale=2)
+        with gr.Group(visible=False) as custom_group:
+            paradigm = gr.Radio(list(paradigms), value="single-stage", label="Training paradigm")
+            explanation = gr.Markdown(paradigms["single-stage"].get("explanation", ""))
+            with gr.Row():
+                lr = gr.Number(1e-3, label="Learning rate")
+                epochs = gr.Number(1.0, label="Epochs per stage")
+                minutes = gr.Number(5.0, label="Time budget (minutes, 0 = none)")
         with gr.Row():
             train_batch = gr.Number(16, label="Batch size", precision=0)
-            lr = gr.Number(1e-3, label="Learning rate")
-            epochs = gr.Number(1.0, label="Epochs per stage")
-            minutes = gr.Number(5.0, label="Time budget (minutes, 0 = none)")
             eval_every = gr.Number(50, label="Evaluate every N steps", precision=0)
             text_only = gr.Checkbox(False, label="Text-only baseline (no images)")
         with gr.Row():
@@ -490,15 +615,19 @@ def _train_tab(wb: Workbench, build_inputs: list, data_kind, data_options):
         evals = gr.Dataframe(headers=["step", "score", "by type"], label="Evaluations", interactive=False)
         log = gr.Code(label="Log tail", language=None)
         timer = gr.Timer(2.0)
+    recipe_view = [recipe_md, recipe_group, custom_group, stages, budget, peft_method, peft_r, peft_layers, peft_targets,
+                   recipe_llm, recipe_kind, recipe_data, train_batch]
+    recipe.change(wb.show_recipe, recipe, recipe_view)
     paradigm.change(lambda p: paradigms[p].get("explanation", ""), paradigm, explanation)
-    launch_btn.click(wb.launch, build_inputs + [data_kind, data_options, paradigm, run_name, train_batch, lr,
-                                                epochs, minutes, eval_every, text_only], [launched, run_pick])
+    launch_btn.click(wb.launch, [recipe, stages, budget, peft_method, peft_r, peft_layers, peft_targets, recipe_llm,
+                                 recipe_kind, recipe_data, data_kind, data_options, paradigm, run_name, train_batch, lr,
+                                 epochs, minutes, eval_every, text_only] + build_inputs, [launched, run_pick])
     cancel_btn.click(wb.cancel, run_pick, launched)
     resume_btn.click(wb.resume, run_pick, launched)
     timer.tick(wb.progress, run_pick, [progress_md, curves, evals, log])
     run_pick.change(wb.progress, run_pick, [progress_md, curves, evals, log])
 
-    return run_pick
+    return run_pick, recipe, recipe_view
 
 
 def _runs_tab(wb: Workbench):

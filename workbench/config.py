@@ -79,13 +79,24 @@ class LLMSpec:
 
 @dataclass
 class PeftSpec:
-    """Parameter-efficient modules attached to the LLM (implemented with peft)."""
+    """Parameter-efficient modules attached to the LLM (implemented with peft).
+
+    Options:
+        r: rank of the low-rank update (at least 1)
+        alpha: scale of the update (alpha / r multiplies it) (at least 1)
+        dropout: dropout on the adapter's input while training (between 0 and 1)
+        target_modules: linear layers that get the update, e.g. q_proj, v_proj; empty = the architecture's usual ones
+        layers: LLM layer indices that get modules, e.g. 22, 23; empty = every layer (at least 0)
+        num_virtual_tokens: virtual tokens (prompt and prefix tuning) or adaption prompt length (at least 1)
+    """
 
     method: str = "none"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] | None = None
+    layers: list[int] | None = None
+    """peft's layers_to_transform (lora, dora, ia3): None puts modules in every layer."""
     num_virtual_tokens: int = 10
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -112,7 +123,7 @@ class ModelConfig:
         if self.llm.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"llm.dtype must be auto, float32, bfloat16 or float16, not '{self.llm.dtype}'")
         if self.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ConfigError(f"llm.attn_implementation must be sdpa, eager or flash_attention_2")
+            raise ConfigError("llm.attn_implementation must be sdpa, eager or flash_attention_2")
         if not self.image_token:
             raise ConfigError("image_token must be a non-empty string")
         if self.max_length < 16:

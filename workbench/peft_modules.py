@@ -36,6 +36,12 @@ from .errors import ConfigError, UnknownComponentError
 METHODS = ("none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt")
 """Valid `PeftSpec.method` values."""
 
+METHOD_FIELDS = {"none": (), "lora": ("r", "alpha", "dropout", "target_modules", "layers"),
+                 "dora": ("r", "alpha", "dropout", "target_modules", "layers"), "ia3": ("target_modules", "layers"),
+                 "prompt_tuning": ("num_virtual_tokens",), "prefix_tuning": ("num_virtual_tokens",),
+                 "adaption_prompt": ("num_virtual_tokens",)}
+"""The `PeftSpec` fields each method reads (the app's PEFT form shows these; the rest do not apply)."""
+
 ADAPTER_DIR = "adapter"
 """Sub-directory of a saved workbench model that holds the adapter (adapter_config.json + safetensors)."""
 
@@ -243,6 +249,13 @@ def build_peft_config(llm: nn.Module, spec: PeftSpec):
 
     options = {k: v for k, v in (spec.options or {}).items() if k != "quantize"}
     method = spec.method
+    if spec.layers is not None:
+        if "layers" not in METHOD_FIELDS[method]:
+            raise ConfigError(f"peft.layers applies to {', '.join(m for m, f in METHOD_FIELDS.items() if 'layers' in f)}, "
+                              f"not {method}")
+        if "layers_to_transform" in options:
+            raise ConfigError("Give the layers once: peft.layers or peft.options.layers_to_transform, not both")
+        options["layers_to_transform"] = list(spec.layers)
     task = {"task_type": "CAUSAL_LM"}
     if method in ("lora", "dora"):
         targets = spec.target_modules
@@ -420,3 +433,11 @@ def unique_parameters(params: list[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def method_options(method: str) -> list:
+    """The declared options (`workbench.options.Option`) of a PEFT method: the `PeftSpec` fields it reads."""
+    from .options import declared_options
+
+    check_peft_spec(PeftSpec(method=method))
+    return [o for o in declared_options(PeftSpec) if o.name in METHOD_FIELDS[method]]

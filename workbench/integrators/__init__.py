@@ -6,8 +6,6 @@ discovered on import, the registry stamps the declared name and metadata onto th
 the paradigms, the contract tests and the benchmarks iterate the registry."""
 from __future__ import annotations
 
-import inspect
-
 from ..config import IntegratorSpec
 from ..errors import ConfigError
 from ..registry import Registry, discover
@@ -36,17 +34,27 @@ INTEGRATORS: Registry = Registry("integrator", required=("family", "follows", "p
                                  check=_check_registration, stamp=True)
 
 
+def integrator_options(name: str) -> list:
+    """The declared options (`workbench.options.Option`) of a registered integrator: its constructor's keyword
+    arguments with the help of its docstring's `Options:` section."""
+    from ..options import declared_options
+
+    return declared_options(INTEGRATORS.get(name))
+
+
+def check_integrator_options(spec: IntegratorSpec) -> dict:
+    """The spec's options converted to their declared types; ConfigError names an unknown option, a wrong
+    type or a value out of its declared range (the one check the config checks and the app's forms share)."""
+    from ..options import check_options
+
+    return check_options(f"integrator '{spec.name}'", integrator_options(spec.name), spec.options)
+
+
 def build_integrator(spec: IntegratorSpec, context: IntegratorContext) -> Integrator:
     cls = INTEGRATORS.get(spec.name)
-    params = inspect.signature(cls.__init__).parameters
-    valid = [n for n in params if n not in ("self", "context")]
-    unknown = [k for k in spec.options if k not in valid]
-    if unknown:
-        raise ConfigError(
-            f"Unknown option '{unknown[0]}' for integrator '{spec.name}'. Valid options: {', '.join(valid) or 'none'}"
-        )
+    options = check_integrator_options(spec)
     try:
-        return cls(context, **spec.options)
+        return cls(context, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Integrator '{spec.name}' rejected its options {spec.options}: {e}") from None
 
@@ -78,4 +86,5 @@ def integrator_catalog(context: IntegratorContext | None = None) -> list[dict]:
 
 discover(__name__, __path__)
 
-__all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator", "integrator_catalog"]
+__all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator", "check_integrator_options",
+           "integrator_catalog", "integrator_options"]

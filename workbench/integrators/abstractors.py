@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import AttentionRecord, Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
+from .base import AttentionRecord, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
 
 
 class _Attention(nn.Module):
@@ -82,7 +82,7 @@ class _AttentionAbstractor(Integrator):
     Shared output side: LayerNorm, projection to the LLM's width and (optional, as dense.py) a
     TextScaleNorm that puts visual tokens at the scale of the LLM's text embeddings."""
 
-    def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: bool | str, position_embedding: bool,
+    def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: InputNorm, position_embedding: bool,
                  output_norm: bool):
         super().__init__(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): normalise before projecting, as dense.py.
@@ -157,11 +157,23 @@ class QFormer(_AttentionAbstractor):
     With `record_attention`, `last_attention.latent_to_image[i]` holds block i's query→image-token
     probabilities (B, heads, num_queries, N) (i = 0, k, 2k, …; rows sum to 1; position 0 is CLS when
     the encoder keeps one) and `last_attention.latent_self[i]` its query→query probabilities.
+
+    Options:
+        num_queries: learned queries = visual tokens per image (at least 1)
+        num_layers: transformer blocks the queries pass (at least 1)
+        hidden_dim: width of the queries, divisible by num_heads (at least 1)
+        num_heads: attention heads (at least 1)
+        cross_attention_every: queries read the image in every k-th block; BLIP-2 uses 2 (at least 1)
+        mlp_ratio: feed-forward width as a multiple of hidden_dim (at least 1)
+        dropout: attention and feed-forward dropout while training (between 0 and 1)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
+        position_embedding: learned position embedding on the image tokens
     """
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
                  hidden_dim: int = 256, num_heads: int = 4, cross_attention_every: int = 2, mlp_ratio: int = 4,
-                 dropout: float = 0.0, input_norm: bool | str = True, output_norm: bool = True,
+                 dropout: float = 0.0, input_norm: InputNorm = True, output_norm: bool = True,
                  position_embedding: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_queries, "num_queries", mlp_ratio, dropout)
         if not 1 <= cross_attention_every <= num_layers:
@@ -229,10 +241,19 @@ class PerceiverResampler(_AttentionAbstractor):
     attention (B, heads, num_latents, N) renormalised over the image tokens (rows sum to 1; position 0
     is CLS when the encoder keeps one), and `last_attention.image_share[i]` (B, heads, num_latents)
     the share of each latent's attention that went to the image rather than to the latents.
+
+    Options:
+        num_latents: learned latents = visual tokens per image (at least 1)
+        num_layers: resampler layers (at least 1)
+        hidden_dim: width of the latents, divisible by num_heads (at least 1)
+        num_heads: attention heads (at least 1)
+        ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
     """
 
     def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,
-                 hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: bool | str = True,
+                 hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: InputNorm = True,
                  output_norm: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_latents, "num_latents", ffn_mult, 0.0)
         super().__init__(context, hidden_dim, input_norm, position_embedding=True, output_norm=output_norm)

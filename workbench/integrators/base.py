@@ -11,6 +11,7 @@ Two placements exist:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 from torch import nn
@@ -104,7 +105,11 @@ class FeatureStandardizer(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
 
 
-def input_norm_layer(kind: bool | str, dim: int) -> nn.Module:
+InputNorm = Literal["layer", "batch", "none"] | bool
+"""What `input_norm` options accept: a form offers these choices (true = layer, false = none)."""
+
+
+def input_norm_layer(kind: InputNorm, dim: int) -> nn.Module:
     """The integrator's input normalisation: "layer" (True: per-token LayerNorm), "batch" (per-channel
     standardisation over the data, see FeatureStandardizer), or "none" (False)."""
     if kind is True or kind == "layer":

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, TextScaleNorm, input_norm_layer
+from .base import Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -42,7 +42,7 @@ class _GridIntegrator(Integrator):
     """Input LayerNorm and output TextScaleNorm (both optional, as dense.py), and the tokens → (B, C, h, w)
     map reshape with CLS split off."""
 
-    def __init__(self, context: IntegratorContext, input_norm: bool | str, output_norm: bool):
+    def __init__(self, context: IntegratorContext, input_norm: InputNorm, output_norm: bool):
         super().__init__(context)
         _check_grid(context)
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): LayerNorm in front; behind, visual
@@ -179,10 +179,18 @@ class CAbstractor(_GridIntegrator):
     Honeybee's readout) maps each position to the LLM's width. A grid smaller than the target is
     upsampled by the pooling (patches repeat), so `num_tokens` is always exactly what is configured.
     Honeybee uses depth 3 and hidden 1024 for a 7B LLM; hidden 256 suits a ~135M one.
+
+    Options:
+        num_tokens: visual tokens per image, a square number (at least 1)
+        depth: ResNet blocks before and after the pooling (at least 1)
+        hidden_dim: channels of the ResNet blocks (at least 1)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
+        position_embedding: learned position embedding on the patch tokens
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 3, hidden_dim: int = 256,
-                 input_norm: bool | str = True, output_norm: bool = True, position_embedding: bool = True):
+                 input_norm: InputNorm = True, output_norm: bool = True, position_embedding: bool = True):
         side = _square_side(num_tokens)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -256,9 +264,14 @@ class LightweightDownsampleProjector(_GridIntegrator):
     then passes two MobileNetV3 inverted-residual blocks (depthwise 3×3 + SE + pointwise, LayerNorm2d,
     Hardswish), the first with stride 1 and a residual, the second with stride `stride` (2: 7×7 → 4×4,
     14×14 → 7×7, each side ⌈side/stride⌉). CLS is dropped. Stride 1 keeps every token.
+
+    Options:
+        stride: stride of the second block: 2 keeps ¼ of the tokens, 1 all (between 1 and 3)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
     """
 
-    def __init__(self, context: IntegratorContext, stride: int = 2, input_norm: bool | str = True, output_norm: bool = True):
+    def __init__(self, context: IntegratorContext, stride: int = 2, input_norm: InputNorm = True, output_norm: bool = True):
         if stride not in (1, 2, 3):
             raise ValueError(f"stride must be 1, 2 or 3 (its depthwise kernel is 3×3), got {stride}")
         super().__init__(context, input_norm, output_norm)
@@ -301,10 +314,18 @@ class AvgPoolProjector(_GridIntegrator):
     With `keep_cls` (encoders with a CLS token only) the CLS token goes through the same MLP and comes
     first, so the image takes num_tokens + 1 tokens. A grid smaller than the target is upsampled
     (patches repeat), so the count is always what is configured.
+
+    Options:
+        num_tokens: visual tokens per image after pooling, a square number (at least 1)
+        depth: linear layers in the MLP after the pooling (at least 1)
+        hidden_dim: width between the MLP layers; empty = the LLM's width (at least 1)
+        keep_cls: also pass the CLS token (encoders that keep one only)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 2, hidden_dim: int | None = None,
-                 keep_cls: bool = False, input_norm: bool | str = True, output_norm: bool = True):
+                 keep_cls: bool = False, input_norm: InputNorm = True, output_norm: bool = True):
         side = _square_side(num_tokens)
         if keep_cls and not context.has_cls:
             raise ValueError("keep_cls needs an encoder that keeps a CLS token (this one has none)")

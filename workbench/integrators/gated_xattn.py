@@ -96,6 +96,17 @@ class GatedCrossAttentionBlock(nn.Module):
                       description="Resampled visual latents read by tanh-gated (zero-init) cross-attention "
                                   "blocks before every k-th LLM layer; one media-marker token per image")
 class GatedCrossAttention(InLLMIntegrator):
+    """Flamingo's gated cross-attention blocks inside the LLM (see the module docstring).
+
+    Options:
+        num_latents: resampled latents per image the LLM reads (at least 1)
+        every: a gated cross-attention block before every k-th LLM layer (at least 1)
+        hidden_dim: width of the resampler and the blocks; empty = min(LLM width, 256) (at least 1)
+        num_heads: attention heads (at least 1)
+        ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
+        resampler_depth: resampler layers before the LLM (at least 1)
+    """
+
     _needs = ()
 
     def __init__(self, context: IntegratorContext, num_latents: int = 16, every: int = 4, hidden_dim: int | None = None,

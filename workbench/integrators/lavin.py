@@ -23,11 +23,13 @@ With `record_attention`, `last_attention.routes[(layer, position)]` holds each a
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from . import INTEGRATORS
-from .base import IntegratorContext, TextScaleNorm, input_norm_layer, one_token_per_encoder_token
+from .base import IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer, one_token_per_encoder_token
 from .llm_layers import HookSet, InLLMIntegrator, llm_shape
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "none": nn.Identity}
@@ -66,11 +68,26 @@ class MixtureOfModalityAdapter(nn.Module):
                       description="Bottleneck-MLP visual tokens plus zero-init visual/textual bottleneck "
                                   "adapters in the LLM layers, mixed per row by a modality router")
 class LaVINAdapter(InLLMIntegrator):
+    """LaVIN's mixture-of-modality adapters inside the LLM (see the module docstring).
+
+    Options:
+        bottleneck: width of each adapter's bottleneck (at least 1)
+        layers: adapted LLM layers: all, or k for every k-th layer
+        positions: adapters on the self-attention input, the MLP input or both
+        temperature: softmax temperature of the modality router (at least 0.001)
+        activation: nonlinearity inside the adapters
+        dropout: adapter dropout while training (between 0 and 1)
+        proj_hidden: width of the visual tokens' bottleneck MLP (at least 1)
+        input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
+        output_norm: put visual tokens at the scale of the LLM's text embeddings
+    """
+
     _needs = ("self_attn", "mlp")
 
     def __init__(self, context: IntegratorContext, bottleneck: int = 8, layers: str | int = "all",
-                 positions: str = "attn_mlp", temperature: float = 10.0, activation: str = "gelu",
-                 dropout: float = 0.1, proj_hidden: int = 128, input_norm: bool | str = True, output_norm: bool = True):
+                 positions: Literal["attn_mlp", "attn", "mlp"] = "attn_mlp", temperature: float = 10.0,
+                 activation: Literal["gelu", "relu", "silu", "none"] = "gelu",
+                 dropout: float = 0.1, proj_hidden: int = 128, input_norm: InputNorm = True, output_norm: bool = True):
         super().__init__(context)
         shape = llm_shape(context, self.registry_name)
         if bottleneck < 1 or proj_hidden < 1:

@@ -41,6 +41,14 @@ from .llm_layers import HookSet, InLLMIntegrator, apply_rope, llm_shape, marker_
                       description="Zero-gated adaption prompts in the top LLM layers, with the projected global "
                                   "image feature added to every prompt")
 class LLaMAAdapter(InLLMIntegrator):
+    """LLaMA-Adapter's zero-gated adaption prompts (see the module docstring).
+
+    Options:
+        prompt_length: learnable prompt tokens per adapted layer (at least 1)
+        num_layers: adapted layers, counted from the top of the LLM (at least 1)
+        media_marker: one learned marker token per image in the sequence (else none)
+    """
+
     _needs = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
     def __init__(self, context: IntegratorContext, prompt_length: int = 10, num_layers: int = 8,
