@@ -63,7 +63,8 @@ class Workbench:
         # bounds from the command line (main sets them) or the environment: what the Chat tab and start-up state
         self.cache = frontend.ModelCache(self.registry, os.environ.get("WORKBENCH_MODEL_MEMORY") or None,
                                          max_batch=int(os.environ.get("WORKBENCH_CHAT_MAX_BATCH", CHAT_MAX_BATCH)),
-                                         max_queue=int(os.environ.get("WORKBENCH_CHAT_MAX_QUEUE", CHAT_MAX_QUEUE)))
+                                         max_queue=int(os.environ.get("WORKBENCH_CHAT_MAX_QUEUE", CHAT_MAX_QUEUE)),
+                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.05)))
         self.catalog = frontend.catalog()
 
     # ------------------------------------------------------------------ build
@@ -606,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else "")
           + (f"; it uses at most {share:.0%} of each GPU, training runs the rest" if share else ""))
     print(cache.bounds(), flush=True)
+    import logging
+
+    batching_log = logging.getLogger("workbench.batching")  # one line per batch in the app's log
+    batching_log.setLevel(logging.INFO)
+    batching_log.addHandler(logging.StreamHandler(sys.stdout))
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                max_threads=max(40, cache.batcher.max_batch + cache.batcher.max_queue + 16),
                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=True)  # messages only, no tracebacks

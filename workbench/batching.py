@@ -19,6 +19,7 @@ and the batch ends as soon as every row has ended or left.
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, WorkbenchError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -237,6 +240,7 @@ class GenerationBatcher:
         model = self._model(jobs[0])
         eos = model.llm.generation_config.eos_token_id or model.tokenizer.eos_token_id
         streamer = _RowStreamer(jobs, model.tokenizer, eos)
+        log.info("answering %d request(s) together, %d waiting", len(jobs), len(self._waiting))
         self.batches.append(len(jobs))
         if len(self.batches) > 10_000:
             del self.batches[:5_000]
