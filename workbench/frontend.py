@@ -306,8 +306,9 @@ class ModelCache:
 
     def bounds(self) -> str:
         """What the app states about its limits: batching, queue and model memory."""
-        return (f"Chat: {self.batcher.bounds()}. Models: {self.pool.summary()}; least recently used runs are "
-                f"dropped first when over the budget.")
+        return (f"Chat: {self.batcher.bounds()}. Models: kept loaded within {self.pool.budget / 2 ** 30:.1f} GiB "
+                f"(runs sharing a frozen encoder and LLM hold them once); least recently used runs are dropped "
+                f"first when over it.")
 
 
 # ---------------------------------------------------------------- several runs: watch, summarise, compare, export
