@@ -235,4 +235,4 @@ def test_concurrent_chats_are_answered_in_one_batch(wb, tiny_model, example_imag
     history, state = results[0]
     history, state, _ = _drain(wb.chat(str(folder), None, "and its shape?", history, state, 4, 0.0, 1.0))
     assert len(state["session"].messages) == 4 and len(history) == 4  # the tab's conversation goes on
-    assert "Chat: up to" in wb.cache.bounds() and "budget" in wb.cache.bounds()
+    assert "Chat: up to 16 answers generated together" in wb.cache.bounds() and "GiB" in wb.cache.bounds()
