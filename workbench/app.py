@@ -64,7 +64,7 @@ class Workbench:
         self.cache = frontend.ModelCache(self.registry, os.environ.get("WORKBENCH_MODEL_MEMORY") or None,
                                          max_batch=int(os.environ.get("WORKBENCH_CHAT_MAX_BATCH", CHAT_MAX_BATCH)),
                                          max_queue=int(os.environ.get("WORKBENCH_CHAT_MAX_QUEUE", CHAT_MAX_QUEUE)),
-                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.05)))
+                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.1)))
         self.catalog = frontend.catalog()
 
     # ------------------------------------------------------------------ build

@@ -7,14 +7,16 @@ and buffers are the base's tensors (same storage: `copy.deepcopy` with every bas
 so the tree is copied and the tensors are not), and then its own trained parts are attached and loaded on top:
 integrator, PEFT adapters, in-LLM modules.
 
-Why own module trees rather than peft's multi-adapter model (`load_adapter` + `set_adapter` on one
-PeftModel): peft keeps several adapters in one model but only one is active per forward, so requests of
-different runs could not run at once without switching adapters under each other, and peft only knows its own
-adapters — not the workbench's integrators, whose in-LLM families hook the LLM's layers (gated
-cross-attention, adapters, visual prompts). A module tree per run over shared tensors works the same for every
-integrator family and PEFT method, keeps each run's hooks on its own tree, and the copied tree costs only
-Python objects. Built for real (not on the meta device), each run's own modules also get their
-non-persistent buffers initialised as usual, which a meta build followed by loading would leave empty.
+Why own module trees rather than peft's multi-adapter model: peft keeps several adapters on one base model
+(`load_adapter` / `set_adapter`, and for LoRA-like methods even a different adapter per row of one batch through
+`adapter_names`), but only adapters of peft's own kinds inside one PeftModel: not prompt/prefix tuning beside
+LoRA, not a run without PEFT beside one with it, and not the workbench's integrators, which are most of what a
+run trains (prefix projectors make each run's visual tokens; in-LLM families hook the LLM's layers). A module
+tree per run over shared tensors works the same for every integrator family and PEFT method, keeps each run's
+hooks and adapters on its own tree, and costs only Python objects. The price: rows of different runs are not
+generated in one batch (the batcher batches per model). Built for real (not on the meta device), each run's
+own modules also get their non-persistent buffers initialised as usual, which a meta build followed by
+loading its saved tensors would leave empty.
 
 `ModelPool` keeps loaded runs in least-recently-used order within a byte budget (`default_budget`: a share of
 the free GPU memory or RAM, or $WORKBENCH_MODEL_MEMORY): a run's cost is its own tensors, a base's cost its
