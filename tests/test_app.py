@@ -236,3 +236,18 @@ def test_concurrent_chats_are_answered_in_one_batch(wb, tiny_model, example_imag
     history, state, _ = _drain(wb.chat(str(folder), None, "and its shape?", history, state, 4, 0.0, 1.0))
     assert len(state["session"].messages) == 4 and len(history) == 4  # the tab's conversation goes on
     assert "Chat: up to 16 answers generated together" in wb.cache.bounds() and "GiB" in wb.cache.bounds()
+
+
+def test_a_tab_closed_mid_answer_frees_its_row(wb, tiny_model, example_image, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "tiny")
+    answer = wb.chat(str(folder), str(example_image), "what color is the shape?", [], {}, 200, 0.0, 1.0)
+    history, left, _ = next(answer)  # the first words arrived, then the browser tab closed
+    assert history[-1]["content"]
+    answer.close()  # what gradio does to the event's generator
+    deadline = time.time() + 30
+    while wb.cache.batcher.generating and time.time() < deadline:
+        time.sleep(0.01)
+    assert wb.cache.batcher.generating == 0 and wb.cache.batcher.waiting == 0  # stopped long before 200 tokens
+    assert left["session"].messages == []  # the abandoned answer did not enter the tab's conversation
+    history, state, _ = _drain(wb.chat(str(folder), str(example_image), "and now?", [], left, 3, 0.0, 1.0))
+    assert history[-1]["content"] and len(state["session"].messages) == 2  # the worker serves the next one

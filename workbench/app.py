@@ -274,13 +274,15 @@ class Workbench:
         # the user's turn shows the image asked about (gradio's chatbot takes a file path in the message)
         history.append({"role": "user", "content": [{"path": str(image)}, text] if image is not None else text})
         history.append({"role": "assistant", "content": ""})
+        pieces = session.send(text, [image] if image is not None else None, batcher=self.cache.batcher)
         try:
-            for piece in session.send(text, [image] if image is not None else None, batcher=self.cache.batcher):
+            for piece in pieces:
                 history[-1]["content"] += piece
                 yield history, state, None
         except Exception as e:  # noqa: BLE001
             _fail(e)
         finally:
+            pieces.close()  # the tab closed mid-answer (gradio closes this generator): its row of the batch stops
             session.model = None  # a session kept in a browser tab must not pin an evicted model in memory
         state["last"] = {"question": session.messages[-2]["content"], "answer": session.messages[-1]["content"],
                          "images": list(session.images)}

@@ -64,9 +64,13 @@ class ChatSession:
             pieces = stream_answer(batcher, job)
         else:
             pieces = self.model.stream(history + [turn], self.images + loaded, **self.settings.as_kwargs())
-        for piece in pieces:
-            answer.append(piece)
-            yield piece
+        try:
+            for piece in pieces:
+                answer.append(piece)
+                yield piece
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()  # a reader that stopped early cancels the batched answer
         self.messages += [turn, {"role": "assistant", "content": "".join(answer).strip()}]
         self.images += loaded
 
