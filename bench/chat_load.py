@@ -1,11 +1,19 @@
-"""Chat under load: 8 users ask the app at once, through its HTTP API, and every one gets an answer.
+"""Chat under load: a class asks the app at once, through its HTTP API; answers are batched across users.
 
-Starts the app (`workbench.app`) as `make run` does (its own process, loopback), then sends the Chat tab's
-request (embedded default model, an example image, 32 new tokens) from 8 concurrent `gradio_client` sessions,
-side by side with one request alone. The model is shared under a lock, so requests queue on it: the measure is
-that all are answered and how long the last one waits.
+Starts the app (`workbench.app`) as `make run` does (its own process, loopback, default bounds) and sends the
+Chat tab's request (an example image, 32 new tokens, greedy) from concurrent `gradio_client` sessions.
 
-Run: .venv/bin/python bench/chat_load.py [--quick] [--users N]
+Part 1, one model (the embedded default): for each user count (16 and 32), all users ask at once — answered,
+wall time, p50/p95 latency — and 16 users asking one after another (one at a time). The result is the speedup
+`16 users one at a time ÷ 16 users at once` (target ≥ 4: batching, not a queue).
+
+Part 2, many runs on one base: a few runs made from the embedded default (random integrators of different
+families, saved through the public API, no training) are loaded one by one: the load time each extra run adds
+to its first answer, and the app's memory (RSS) with the default alone vs with every run loaded; then the
+users ask at once spread over all the runs (latency). The runs share the frozen encoder and LLM, so memory
+grows by their integrators only.
+
+Run: .venv/bin/python bench/chat_load.py [--quick] [--users 16 32] [--runs 4]
 """
 from __future__ import annotations
 
@@ -23,61 +31,153 @@ import _common as C  # noqa: E402
 from workbench.app_process import running_app  # noqa: E402
 
 IMAGE = C.REPO / "examples" / "images" / "red_circle.png"
+QUESTION = "What color is the shape?"
+INTEGRATORS = ("linear", "qformer", "resampler", "gated_xattn", "avg_pool", "c_abstractor")
 
 
-def ask(url: str, tokens: int) -> tuple[float, str]:
-    from gradio_client import Client, handle_file
+def make_clients(url: str, n: int) -> list:
+    from gradio_client import Client
 
-    client = Client(url, verbose=False)
+    with ThreadPoolExecutor(min(n, 8)) as pool:
+        return list(pool.map(lambda _: Client(url, verbose=False), range(n)))
+
+
+def ask(client, tokens: int, source: str = "default") -> tuple[float, str]:
+    from gradio_client import handle_file
+
     t0 = C.now()
-    history, _ = client.predict("default", handle_file(str(IMAGE)), "What color is the shape?", [], tokens, 0.0, 1.0,
-                                api_name="/chat")
+    history, _ = client.predict(source, handle_file(str(IMAGE)), QUESTION, [], tokens, 0.0, 1.0, api_name="/chat")
     answer = history[-1]["content"]
-    text = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer)
+    text = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer
+                                                           if isinstance(part, dict))
     return C.now() - t0, text.strip()
+
+
+def at_once(clients: list, tokens: int, sources: list[str]) -> tuple[float, list[tuple[float, str]]]:
+    t0 = C.now()
+    with ThreadPoolExecutor(len(clients)) as pool:
+        results = list(pool.map(lambda i: ask(clients[i], tokens, sources[i % len(sources)]), range(len(clients))))
+    return C.now() - t0, results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def app_rss_mb() -> float:
+    """Resident memory of the app process (the benchmark's child)."""
+    import psutil
+
+    children = [p for p in psutil.Process().children(recursive=True) if "workbench.app" in " ".join(p.cmdline())]
+    return sum(p.memory_info().rss for p in children) / 2 ** 20
+
+
+def make_runs(folder: Path, n: int) -> list[str]:
+    """`n` saved models on the embedded default's encoder and LLM, each with its own random integrator."""
+    import torch
+
+    from workbench.config import IntegratorSpec, ModelConfig
+    from workbench.model import VisionLanguageModel
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        config = ModelConfig(integrator=IntegratorSpec(name=INTEGRATORS[i % len(INTEGRATORS)]))
+        model = VisionLanguageModel.from_config(config)
+        paths.append(str(model.save_pretrained(folder / f"run{i}-{config.integrator.name}")))
+        del model
+    return paths
+
+
+def latency_rows(label: str, users: int, wall: float, results: list[tuple[float, str]]) -> list[list[str]]:
+    latencies = [s for s, _ in results]
+    answered = sum(1 for _, text in results if text)
+    return [[f"{label}: answered", f"{answered}/{users}"], [f"{label}: wall (s)", f"{wall:.2f}"],
+            [f"{label}: p50 latency (s)", f"{statistics.median(latencies):.2f}"],
+            [f"{label}: p95 latency (s)", f"{percentile(latencies, 0.95):.2f}"]]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 users, 8 tokens")
-    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="smoke check: 3 users, 8 tokens, 2 extra runs")
+    parser.add_argument("--users", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=4, help="extra runs sharing the default's base (part 2)")
     args = parser.parse_args()
-    users, tokens = (3, 8) if args.quick else (args.users, args.tokens)
+    user_counts, tokens, n_runs = ([3], 8, 2) if args.quick else (args.users, args.tokens, args.runs)
+    sequential_users = min(user_counts) if args.quick else 16
     C.setup_environment()
-    with tempfile.TemporaryDirectory() as tmp, running_app(Path(tmp) / "runs") as url:  # stopped after the block
-        ask(url, 2)  # warm-up: loads the model once
-        single, _ = ask(url, tokens)
-        t0 = C.now()
-        with ThreadPoolExecutor(users) as pool:
-            results = list(pool.map(lambda _: ask(url, tokens), range(users)))
-        wall = C.now() - t0
-    answered = sum(1 for _, text in results if text)
-    latencies = [s for s, _ in results]
+    other = C.OtherLoad()
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = make_runs(Path(tmp) / "saved", n_runs)
+        with running_app(Path(tmp) / "runs", log_path=Path(tmp) / "app.log") as url:  # stopped after the block
+            clients = make_clients(url, max(user_counts + [sequential_users]))
+            ask(clients[0], 2)  # warm-up: loads the default model once
+            single, _ = ask(clients[0], tokens)
+            rows.append(["one request alone (s)", f"{single:.2f}"])
+            # part 1: one model, users one at a time vs at once
+            t0 = C.now()
+            sequential = [ask(clients[i], tokens) for i in range(sequential_users)]
+            sequential_wall = C.now() - t0
+            rows.append([f"{sequential_users} users one at a time: wall (s)", f"{sequential_wall:.2f}"])
+            walls = {}
+            for users in user_counts:
+                wall, results = at_once(clients[:users], tokens, ["default"])
+                walls[users] = (wall, results)
+                rows += latency_rows(f"{users} users at once", users, wall, results)
+            answered_all = all(t for _, t in sequential) and all(
+                all(t for _, t in results) for _, results in walls.values())
+            speedup = sequential_wall / walls[sequential_users][0] if sequential_users in walls else float("nan")
+            rows.append([f"speedup ({sequential_users} one at a time ÷ at once)", f"{speedup:.2f}"])
+            # part 2: several runs on the default's base
+            rss_one = app_rss_mb()
+            loads = []
+            for path in runs:
+                first, _ = ask(clients[0], tokens, path)
+                again, _ = ask(clients[0], tokens, path)
+                loads.append(first - again)  # what loading the run added to its first answer
+            rss_all = app_rss_mb()
+            rows += [["extra runs sharing the base", str(n_runs)],
+                     ["load time per extra run, median (s)", f"{statistics.median(loads):.2f}"],
+                     ["app memory, default only (MiB)", f"{rss_one:,.0f}"],
+                     [f"app memory, default + {n_runs} runs (MiB)", f"{rss_all:,.0f}"],
+                     ["memory per extra run (MiB)", f"{(rss_all - rss_one) / n_runs:,.1f}"]]
+            spread = min(user_counts)
+            wall, results = at_once(clients[:spread], tokens, ["default", *runs])
+            answered_all = answered_all and all(t for _, t in results)
+            rows += latency_rows(f"{spread} users over {n_runs + 1} runs", spread, wall, results)
+    other.stop()
     headers = ["measure", "value"]
-    rows = [["users", str(users)], ["answered", f"{answered}/{users}"], ["one request alone (s)", f"{single:.2f}"],
-            ["all concurrent: wall (s)", f"{wall:.2f}"], ["median latency (s)", f"{statistics.median(latencies):.2f}"],
-            ["slowest latency (s)", f"{max(latencies):.2f}"],
-            ["wall / (users × alone)", f"{wall / (users * single):.2f}"]]
     print(C.text_table(headers, rows))
+    passed = speedup >= 4 and answered_all
     if not args.quick:
         body = "\n".join([
-            "## chat_load — concurrent chat requests through the app's HTTP API",
+            "## chat_load — a class chatting at once through the app's HTTP API",
             "",
-            f"the app (`workbench.app`) in its own process on loopback; {users} `gradio_client` sessions each send the "
-            f"Chat tab's request at once (embedded default model, `examples/images/red_circle.png`, {tokens} new "
-            "tokens, greedy), beside one request alone. The model is shared under a lock, so the requests queue "
-            "on it; a ratio near 1.0 in the last row means the queue adds no overhead beyond serialising them.",
+            f"the app (`workbench.app`) in its own process on loopback with its default bounds; `gradio_client` "
+            f"sessions send the Chat tab's request (`examples/images/red_circle.png`, {tokens} new tokens, greedy). "
+            f"Part 1, the embedded default model: {sequential_users} users one after another, then "
+            f"{' and '.join(map(str, user_counts))} users at once — the app batches concurrent answers into one "
+            f"generate call and streams each user's tokens. Part 2: {n_runs} runs saved from the embedded default "
+            "(random integrators of different families: same frozen encoder and LLM) loaded into the same app: "
+            "the time loading adds to a run's first answer, the app's resident memory with the default alone and "
+            "with every run loaded (they share the base, so each adds only its integrator), and users spread "
+            "over all the runs at once.",
             "",
             f"- machine: {C.machine_line()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            "- command: `.venv/bin/python bench/chat_load.py`",
-            "- other load: not metered (the app server, a separate process, is the workload here)",
+            f"- command: `.venv/bin/python bench/chat_load.py --users {' '.join(map(str, user_counts))}`",
+            f"- {other.note()}",
             "",
             C.markdown_table(headers, rows),
+            "",
+            f"`RESULT chat_load_speedup {speedup:.2f} target >=4 {'PASS' if passed else 'MISS'}` (every request "
+            "answered is part of the verdict).",
         ])
         C.write_results_section("chat_load", body)
-    print(C.result_line("chat_load_answered", f"{answered}/{users}", f"{users}/{users}", answered == users))
+    print(C.result_line("chat_load_speedup", f"{speedup:.2f}", ">=4", passed))
     return 0
 
 

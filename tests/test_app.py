@@ -226,3 +226,51 @@ def test_running_app_reports_an_app_that_dies_at_start(tmp_path, monkeypatch):
         with app_process.running_app(tmp_path / "runs", log_path=tmp_path / "app.log", timeout=30,
                                      env={"PYTHONPATH": str(tmp_path)}):
             pass
+
+
+def test_concurrent_chats_are_answered_in_one_batch(wb, tiny_model, example_image, tmp_path):
+    """Two browser tabs asking at once: one generate batch, each tab its own streamed answer and conversation."""
+    import threading
+
+    folder = tiny_model.save_pretrained(tmp_path / "tiny")
+    wb.cache.get(str(folder))  # loaded before: both questions reach the batcher together
+    wb.cache.batcher.batch_window = 1.0
+    results, streamed = {}, {0: 0, 1: 0}
+
+    def ask(i):
+        history = state = None
+        for history, state, _ in wb.chat(str(folder), str(example_image), "what color is the shape?", [], {}, 6,
+                                         0.0, 1.0):
+            streamed[i] += 1
+        results[i] = (history, state)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert list(wb.cache.batcher.batches) == [2]
+    for i in range(2):
+        history, state = results[i]
+        assert history[0]["content"][0] == {"path": str(example_image)}  # the asked-about image in the transcript
+        assert history[-1]["role"] == "assistant" and history[-1]["content"] and streamed[i] >= 2
+    assert results[0][1]["session"] is not results[1][1]["session"]
+    history, state = results[0]
+    history, state, _ = _drain(wb.chat(str(folder), None, "and its shape?", history, state, 4, 0.0, 1.0))
+    assert len(state["session"].messages) == 4 and len(history) == 4  # the tab's conversation goes on
+    assert "Chat: up to 16 answers generated together" in wb.cache.bounds() and "GiB" in wb.cache.bounds()
+
+
+def test_a_tab_closed_mid_answer_frees_its_row(wb, tiny_model, example_image, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "tiny")
+    answer = wb.chat(str(folder), str(example_image), "what color is the shape?", [], {}, 200, 0.0, 1.0)
+    history, left, _ = next(answer)  # the first words arrived, then the browser tab closed
+    assert history[-1]["content"]
+    answer.close()  # what gradio does to the event's generator
+    deadline = time.time() + 30
+    while wb.cache.batcher.generating and time.time() < deadline:
+        time.sleep(0.01)
+    assert wb.cache.batcher.generating == 0 and wb.cache.batcher.waiting == 0  # stopped long before 200 tokens
+    assert left["session"].messages == []  # the abandoned answer did not enter the tab's conversation
+    history, state, _ = _drain(wb.chat(str(folder), str(example_image), "and now?", [], left, 3, 0.0, 1.0))
+    assert history[-1]["content"] and len(state["session"].messages) == 2  # the worker serves the next one

@@ -479,7 +479,7 @@ def test_model_cache_gives_the_old_model_back(monkeypatch, tiny_model, tmp_path)
 
     tiny_model.save_pretrained(tmp_path / "a")
     tiny_model.save_pretrained(tmp_path / "b")
-    cache = ModelCache()
+    cache = ModelCache(memory_budget=1)  # room for one model: loading another drops the least recently used
     first = weakref.ref(cache.get(str(tmp_path / "a")))
     cuda = FakeCuda(monkeypatch)
     cache.get(str(tmp_path / "b"))

@@ -38,6 +38,9 @@ EVAL_DATA_OPTIONS = {**{k: {o: v for o, v in opts.items() if o != "limit"} for k
                      "easy-vqa": {"split": "test"}}
 """The same templates for the Evaluate tab: held-out questions, and its own question limit instead of the loader's."""
 CUSTOM = "custom (from the Build tab)"
+CHAT_MAX_BATCH = 16
+"""Answers generated together by default (a class asking at once: one batch instead of a queue)."""
+CHAT_MAX_QUEUE = 64
 
 
 def _fail(e: Exception):
@@ -61,7 +64,11 @@ class Workbench:
         from workbench.jobs import RunRegistry
 
         self.registry = RunRegistry(runs_dir)
-        self.cache = frontend.ModelCache(self.registry)
+        # bounds from the command line (main sets them) or the environment: what the Chat tab and start-up state
+        self.cache = frontend.ModelCache(self.registry, os.environ.get("WORKBENCH_MODEL_MEMORY") or None,
+                                         max_batch=int(os.environ.get("WORKBENCH_CHAT_MAX_BATCH", CHAT_MAX_BATCH)),
+                                         max_queue=int(os.environ.get("WORKBENCH_CHAT_MAX_QUEUE", CHAT_MAX_QUEUE)),
+                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.1)))
         self.catalog = frontend.catalog()
         from workbench.forms import option_fields
 
@@ -310,6 +317,7 @@ class Workbench:
             raise gr.Error(f"Refused: {str(e).splitlines()[0]}") from None
 
     def chat(self, source, image, text, history, session_state, max_new_tokens, temperature, top_p):
+        """Stream one answer; concurrent users' answers are generated together (the cache's batcher)."""
         from workbench.chat import ChatSession, GenerationSettings
         from workbench.images import load_image
 
@@ -331,16 +339,18 @@ class Workbench:
         session.settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                               top_p=float(top_p))
         history = list(history or [])
-        history.append({"role": "user", "content": text})
+        # the user's turn shows the image asked about (gradio's chatbot takes a file path in the message)
+        history.append({"role": "user", "content": [{"path": str(image)}, text] if image is not None else text})
         history.append({"role": "assistant", "content": ""})
+        pieces = session.send(text, [image] if image is not None else None, batcher=self.cache.batcher)
         try:
-            with self.cache.lock:
-                for piece in session.send(text, [image] if image is not None else None):
-                    history[-1]["content"] += piece
-                    yield history, state, None
+            for piece in pieces:
+                history[-1]["content"] += piece
+                yield history, state, None
         except Exception as e:  # noqa: BLE001
             _fail(e)
         finally:
+            pieces.close()  # the tab closed mid-answer (gradio closes this generator): its row of the batch stops
             session.model = None  # a session kept in a browser tab must not pin an evicted model in memory
         state["last"] = {"question": session.messages[-2]["content"], "answer": session.messages[-1]["content"],
                          "images": list(session.images)}
@@ -680,10 +690,15 @@ def _chat_tab(wb: Workbench):
                     send = gr.Button("Send", variant="primary")
                     reset = gr.Button("New chat")
         chat_state = gr.State({})
+        gr.Markdown(wb.cache.bounds(), elem_id="chat-bounds")
     image.change(wb.check_image, image, preview)
     chat_inputs = [source, image, question, chatbot, chat_state, max_new, temperature, top_p]
-    send.click(wb.chat, chat_inputs, [chatbot, chat_state, question])
-    question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question])
+    # every waiting answer needs a running event: gradio lets as many run as the batcher batches and queues
+    together = wb.cache.batcher.max_batch + wb.cache.batcher.max_queue
+    send.click(wb.chat, chat_inputs, [chatbot, chat_state, question], concurrency_limit=together,
+               concurrency_id="chat")
+    question.submit(wb.chat, chat_inputs, [chatbot, chat_state, question], concurrency_limit=together,
+                    concurrency_id="chat")
     reset.click(lambda: ([], {}, None, None), None, [chatbot, chat_state, image, preview])
 
     return source, chat_state
@@ -762,7 +777,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", action="store_true", help="a public Gradio link (needs credentials)")
     parser.add_argument("--auth-file", help="file with one user:password line (or set WORKBENCH_APP_AUTH)")
     parser.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
+    parser.add_argument("--chat-batch", type=int, help=f"answers generated together (default "
+                        f"$WORKBENCH_CHAT_MAX_BATCH or {CHAT_MAX_BATCH})")
+    parser.add_argument("--chat-queue", type=int, help=f"chat requests that may wait beyond those (default "
+                        f"$WORKBENCH_CHAT_MAX_QUEUE or {CHAT_MAX_QUEUE}); more are refused as busy")
+    parser.add_argument("--model-memory", help="memory for loaded models, e.g. 8GB (default $WORKBENCH_MODEL_MEMORY "
+                        "or half the GPU memory / available RAM); least recently used runs are dropped first")
     args = parser.parse_args(argv)
+    for flag, env in ((args.chat_batch, "WORKBENCH_CHAT_MAX_BATCH"), (args.chat_queue, "WORKBENCH_CHAT_MAX_QUEUE"),
+                      (args.model_memory, "WORKBENCH_MODEL_MEMORY")):
+        if flag is not None:
+            os.environ[env] = str(flag)  # the Workbench reads its bounds from there
     from workbench.logs import quiet_libraries
 
     quiet_libraries()
@@ -775,11 +800,23 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.llm import limit_gpu_share
 
     share = limit_gpu_share()  # chat, attention and evaluation leave the rest of the GPU to queued runs
-    app = build_app(args.runs)
-    app.queue(default_concurrency_limit=8)
+    try:
+        app = build_app(args.runs)
+    except WorkbenchError as e:  # e.g. a malformed --model-memory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app.queue(default_concurrency_limit=8)  # chat events have their own, larger limit (see _chat_tab)
+    cache = app.workbench.cache
     print(f"VLLM Workbench on http://{args.host}:{args.port}" + (" (login required)" if auth else "")
           + (f"; it uses at most {share:.0%} of each GPU, training runs the rest" if share else ""))
+    print(cache.bounds(), flush=True)
+    import logging
+
+    batching_log = logging.getLogger("workbench.batching")  # one line per batch in the app's log
+    batching_log.setLevel(logging.INFO)
+    batching_log.addHandler(logging.StreamHandler(sys.stdout))
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+               max_threads=max(40, cache.batcher.max_batch + cache.batcher.max_queue + 16),
                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], show_error=True)  # messages only, no tracebacks
     return 0
 

@@ -39,8 +39,12 @@ class ChatSession:
         self.messages.clear()
         self.images.clear()
 
-    def send(self, text: str, images: list[ImageSource] | ImageSource | None = None) -> Iterator[str]:
-        """Add a user turn (with its images, placeholders added in front if the text has none) and stream the answer."""
+    def send(self, text: str, images: list[ImageSource] | ImageSource | None = None, batcher=None) -> Iterator[str]:
+        """Add a user turn (with its images, placeholders added in front if the text has none) and stream the answer.
+
+        `batcher` (a `batching.GenerationBatcher`): answer in a batch with other users' concurrent requests (a
+        server's chat); without one, this session's answer is generated alone. The turn enters the history only
+        once its answer is complete, so a failed or abandoned answer leaves the conversation as it was."""
         if not text.strip():
             raise ConfigError("Say something: the message is empty")
         new = [] if images is None else images if isinstance(images, list) else [images]
@@ -52,9 +56,21 @@ class ChatSession:
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         turn = {"role": "user", "content": content}
         answer = []
-        for piece in self.model.stream(history + [turn], self.images + loaded, **self.settings.as_kwargs()):
-            answer.append(piece)
-            yield piece
+        if batcher is not None and self.settings.repetition_penalty == 1.0:
+            from .batching import GenerationJob, stream_answer
+
+            job = GenerationJob(history + [turn], self.images + loaded, self.settings.max_new_tokens,
+                                self.settings.temperature, self.settings.top_p, model=self.model)
+            pieces = stream_answer(batcher, job)
+        else:
+            pieces = self.model.stream(history + [turn], self.images + loaded, **self.settings.as_kwargs())
+        try:
+            for piece in pieces:
+                answer.append(piece)
+                yield piece
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()  # a reader that stopped early cancels the batched answer
         self.messages += [turn, {"role": "assistant", "content": "".join(answer).strip()}]
         self.images += loaded
 

@@ -303,17 +303,25 @@ def curves_figure(runs: dict[str, str | Path]):
 
 
 class ModelCache:
-    """The model a front end works with, loaded once per source ("default", a config, a run or a model folder).
+    """The models a front end works with, loaded once per source ("default", a config, a run or a model folder).
 
-    Loading SmolLM2 and an encoder takes seconds; chat and attention views reuse the loaded model. One
-    model is kept (a CPU machine has room for one), guarded by a lock so concurrent users share it safely.
+    Loading SmolLM2 and an encoder takes seconds; chat and attention views reuse loaded models. Several runs stay
+    loaded at once (a class chats with different runs), their frozen encoder and LLM held once
+    (`model_pool.ModelPool`, within `memory_budget` bytes). `batcher` answers chat requests of every loaded
+    model, batched per model; `lock` is held while it generates, so work that must not overlap generation on a
+    CPU (attention views, evaluation, export) takes it too.
     """
 
-    def __init__(self, registry=None):
+    def __init__(self, registry=None, memory_budget: int | str | None = None, max_batch: int = 8,
+                 max_queue: int = 64, batch_window: float = 0.05):
+        from .batching import GenerationBatcher
+        from .model_pool import ModelPool
+
         self.registry = registry
-        self._key: str | None = None
-        self._model = None
+        self.pool = ModelPool(memory_budget)
         self.lock = threading.RLock()
+        self.batcher = GenerationBatcher(None, max_batch=max_batch, max_queue=max_queue, batch_window=batch_window,
+                                         lock=self.lock)
 
     def model_dir(self, source: str) -> Path | None:
         """A run id, a run folder or a saved model folder → its saved model folder (None for "default")."""
@@ -333,23 +341,21 @@ class ModelCache:
         raise ConfigError(f"No saved model or checkpoint yet for '{source}'")
 
     def get(self, source: str = "default"):
-        from .config import ModelConfig
-        from .model import VisionLanguageModel
+        """The ready model for a source (loaded on first use; a run saved again since is reloaded)."""
+        from .config import ModelConfig, load_model_config
+        from .model import _resolve_inside
 
-        with self.lock:
-            folder = self.model_dir(source)
-            key = str(folder) if folder else "default"
-            stamp = f"{key}@{(folder / 'config.yaml').stat().st_mtime if folder else 0}"
-            if stamp != self._key:
-                if self._model is not None:  # free the old one first, on the GPU too
-                    self._model = None
-                    release_memory()
-                started = time.time()
-                self._model = VisionLanguageModel.from_pretrained(folder) if folder else \
-                    VisionLanguageModel.from_config(ModelConfig())
-                self._model.load_seconds = time.time() - started
-                self._key = stamp
-            return self._model
+        folder = self.model_dir(source)
+        if folder is None:
+            return self.pool.get("default", ModelConfig())
+        config = _resolve_inside(load_model_config(folder / "config.yaml"), folder)
+        return self.pool.get(str(folder), config, folder, stamp=str((folder / "config.yaml").stat().st_mtime))
+
+    def bounds(self) -> str:
+        """What the app states about its limits: batching, queue and model memory."""
+        return (f"Chat: {self.batcher.bounds()}. Models: kept loaded within {self.pool.budget / 2 ** 30:.1f} GiB "
+                f"(runs sharing a frozen encoder and LLM hold them once); least recently used runs are dropped "
+                f"first when over it.")
 
 
 # ---------------------------------------------------------------- several runs: watch, summarise, compare, export

@@ -61,8 +61,12 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: ModelConfig | dict | str | Path, device: str | torch.device | None = None):
-        """Build from specs: base weights from their sources, a freshly initialised integrator."""
+    def from_config(cls, config: ModelConfig | dict | str | Path, device: str | torch.device | None = None,
+                    base=None):
+        """Build from specs: base weights from their sources, a freshly initialised integrator.
+
+        `base` (a `model_pool.SharedBase`): take the frozen encoder and/or LLM from it instead of loading them —
+        a module tree of this model's own whose weights are the base's tensors (several runs, one base)."""
         if isinstance(config, (str, Path)):
             config = load_model_config(config)
         elif isinstance(config, dict):
@@ -71,8 +75,9 @@ class VisionLanguageModel(nn.Module):
         # with its index (cuda:LOCAL_RANK under torchrun): built where it trains, never first on cuda:0
         dev = resolve_device(str(device) if device is not None else config.llm.device)
         check_peft_spec(config.peft)  # fail before loading the LLM (unknown method, QLoRA without CUDA)
-        llm, tokenizer = load_llm(config.llm, dev, peft=config.peft)  # QLoRA: loaded quantized
-        encoder = build_encoder(config.encoder)
+        shared = base.parts_for(config) if base is not None else {}
+        llm, tokenizer = shared["llm"] if "llm" in shared else load_llm(config.llm, dev, peft=config.peft)  # QLoRA: quantized
+        encoder = shared.get("encoder") or build_encoder(config.encoder)
         llm_dtype = next(llm.parameters()).dtype
         encoder.to(device=dev, dtype=llm_dtype if encoder.frozen else torch.float32)
         context = IntegratorContext(
@@ -87,7 +92,7 @@ class VisionLanguageModel(nn.Module):
         return model.set_trainable(llm=not config.llm.frozen, peft=True)  # base as configured, adapter trains
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None):
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, base=None):
         """Load a directory written by `save_pretrained`: rebuild from config, then load the trained parts."""
         path = Path(path)
         if not (path / "config.yaml").is_file():
@@ -96,7 +101,7 @@ class VisionLanguageModel(nn.Module):
         if manifest.get("format", FORMAT_NAME) != FORMAT_NAME or manifest.get("version", 1) > FORMAT_VERSION:
             raise ConfigError(f"{path} holds format {manifest.get('format')} v{manifest.get('version')}, "
                               f"which this workbench cannot read")
-        model = cls.from_config(_resolve_inside(load_model_config(path / "config.yaml"), path), device=device)
+        model = cls.from_config(_resolve_inside(load_model_config(path / "config.yaml"), path), device=device, base=base)
         model.load_trained_parts(path)
         model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
         return model

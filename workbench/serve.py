@@ -14,8 +14,7 @@ sampling settings that are waiting or arrive within `batch_window` seconds, and 
 left-padded batch. Each request has its own stream (a per-row streamer decodes each row's tokens as they come)
 and ends at its own EOS, `max_tokens` or stop string; the batch stops when every row has ended or every
 client has gone. At most `max_queue` requests wait: beyond that a request gets 429 (server busy), never an
-unbounded backlog. The app has no batched generation of its own yet, so this batcher is the shared one: a
-front end that serves several users passes its model (and the lock it guards the model with) to it.
+unbounded backlog. The batcher lives in `workbench.batching`, shared with the app's Chat tab.
 
 Safety, as the app: the server binds 127.0.0.1; any other host needs an API key (`WORKBENCH_API_KEY`, or
 `--api-key-file`), which clients send as `Authorization: Bearer KEY`. Images come as `image_url` data URLs
@@ -30,7 +29,6 @@ many tokens — get OpenAI's JSON error with status 400, never a 500.
 import asyncio
 import base64
 import binascii
-import collections
 import contextlib
 import hmac
 import json
@@ -38,11 +36,12 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, ImageError, WorkbenchError
+from .batching import GenerationBatcher, GenerationJob, ServerBusy  # noqa: F401 -- the server's batching, shared with the app
+from .errors import ConfigError, ImageError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "WORKBENCH_API_KEY"
@@ -95,181 +94,6 @@ def check_exposure(host: str, api_key: str | None) -> None:
     if host not in LOCAL_HOSTS and not api_key:
         raise ConfigError(f"--host {host} exposes the server beyond this machine: set {API_KEY_ENV}=<a secret key> "
                           f"or pass --api-key-file (clients then send it as their API key)")
-
-
-# ---------------------------------------------------------------------------------------------- batching
-
-@dataclass
-class GenerationJob:
-    """One request's conversation in the batcher, with where its events go."""
-
-    messages: list[dict[str, str]]
-    images: list
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    sink: Callable[[str, Any], None] = lambda kind, value: None
-    """Called from the worker thread with ("delta", text), then ("done", {"finish_reason", "completion_tokens",
-    "text"}) or ("error", exception)."""
-    cancelled: bool = False
-
-    @property
-    def key(self) -> tuple:
-        return (round(self.temperature, 6), round(self.top_p, 6))
-
-
-class ServerBusy(WorkbenchError):
-    """The batcher's queue is full."""
-
-
-class _BatchDone(Exception):
-    """Raised inside generate by the streamer once every row has ended: stops the batch early."""
-
-
-class _RowStreamer:
-    """A transformers streamer for a batch: each row's tokens are decoded as they come and handed to its job."""
-
-    def __init__(self, jobs: list[GenerationJob], tokenizer, eos):
-        self.jobs, self.tokenizer = jobs, tokenizer
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.sent = [""] * len(jobs)
-        self.finished: list[str | None] = [None] * len(jobs)
-        self.hold = [max((len(s) for s in job.stop), default=1) - 1 for job in jobs]
-        self._prompt_seen = False
-
-    def _text(self, i: int) -> str:
-        return self.tokenizer.decode(self.tokens[i], skip_special_tokens=True).lstrip()
-
-    def _emit(self, i: int, text: str) -> None:
-        if text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
-            self.jobs[i].sink("delta", text[len(self.sent[i]):])
-            self.sent[i] = text
-
-    def _finish(self, i: int, reason: str, text: str | None = None) -> None:
-        if self.finished[i] is not None:
-            return
-        text = (self._text(i) if text is None else text).rstrip()
-        self._emit(i, text)
-        self.finished[i] = reason
-        self.jobs[i].sink("done", {"finish_reason": reason, "completion_tokens": len(self.tokens[i]),
-                                   "text": text})
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:  # generate hands the prompt over first (empty here: inputs_embeds)
-            self._prompt_seen = True
-            return
-        for i, token in enumerate(value.reshape(-1).tolist()):
-            job = self.jobs[i]
-            if self.finished[i] is not None:
-                continue
-            if job.cancelled:
-                self.finished[i] = "cancelled"
-                continue
-            if token in self.eos:
-                self._finish(i, "stop")
-                continue
-            self.tokens[i].append(int(token))
-            text = self._text(i)
-            cut = min((text.find(s) for s in job.stop if s and s in text), default=-1)
-            if cut >= 0:
-                self._finish(i, "stop", text[:cut])
-            elif len(self.tokens[i]) >= job.max_tokens:
-                self._finish(i, "length", text)
-            elif not text.endswith("\ufffd"):  # a multi-byte character still being completed
-                self._emit(i, text[:len(text) - self.hold[i]] if self.hold[i] else text)
-        if all(f is not None for f in self.finished):
-            raise _BatchDone
-
-    def end(self) -> None:
-        for i in range(len(self.jobs)):
-            self._finish(i, "length")
-
-
-class GenerationBatcher:
-    """Groups concurrent requests into one `model.generate` batch; see the module docstring."""
-
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, batch_window: float = 0.02, lock=None):
-        if max_batch < 1 or max_queue < 1:
-            raise ConfigError("max_batch and max_queue must be at least 1")
-        self.model, self.max_batch, self.max_queue, self.batch_window = model, max_batch, max_queue, batch_window
-        self.lock = lock or threading.RLock()
-        self._waiting: collections.deque[GenerationJob] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self.batches: list[int] = []
-        """Sizes of the batches generated so far (the tests and the log read it)."""
-        self._thread = threading.Thread(target=self._run, name="workbench-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: GenerationJob) -> None:
-        with self._cond:
-            if self._closed:
-                raise ServerBusy("The server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise ServerBusy(f"{len(self._waiting)} requests are waiting already (the limit): try again shortly")
-            self._waiting.append(job)
-            self._cond.notify()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-
-    def _take(self) -> list[GenerationJob] | None:
-        with self._cond:
-            while not self._waiting and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            first = self._waiting.popleft()
-            batch = [first]
-            deadline = time.monotonic() + self.batch_window
-            while len(batch) < self.max_batch:
-                match = next((j for j in self._waiting if j.key == first.key), None)
-                if match is not None:
-                    self._waiting.remove(match)
-                    batch.append(match)
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-        return [j for j in batch if not j.cancelled]
-
-    def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch:
-                self._generate(batch)
-
-    def _generate(self, jobs: list[GenerationJob]) -> None:
-        model = self.model
-        eos = model.llm.generation_config.eos_token_id or model.tokenizer.eos_token_id
-        streamer = _RowStreamer(jobs, model.tokenizer, eos)
-        self.batches.append(len(jobs))
-        try:
-            with self.lock:
-                model.generate([j.messages for j in jobs], [j.images for j in jobs],
-                               max_new_tokens=max(j.max_tokens for j in jobs), temperature=jobs[0].temperature,
-                               top_p=jobs[0].top_p, streamer=streamer)
-        except _BatchDone:
-            pass
-        except Exception as e:  # noqa: BLE001 -- every waiting client hears why, the worker goes on
-            for i, job in enumerate(jobs):
-                if streamer.finished[i] is None:
-                    streamer.finished[i] = "error"
-                    job.sink("error", e)
-            return
-        streamer.end()
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -534,7 +358,7 @@ def create_app(model, settings: ServeSettings | None = None, batcher: Generation
                         raise APIError(f"Generation failed: {value}", status=500, type="server_error",
                                        code="generation_failed")
             except asyncio.CancelledError:
-                job.cancelled = True
+                batcher.cancel(job)
                 raise
             return {"id": ident, "object": "chat.completion", "created": now, "model": settings.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": value["text"]},
@@ -567,7 +391,7 @@ def create_app(model, settings: ServeSettings | None = None, batcher: Generation
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancelled = True  # a client that went away frees its row of the batch
+                batcher.cancel(job)  # a client that went away frees its place in the queue or its row of the batch
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,110 @@
+"""Many runs, one base (workbench.model_pool): runs that keep the same encoder and LLM frozen share those tensors in
+memory, each answers exactly as when loaded alone, and a memory budget drops the least recently used run first."""
+import copy
+
+import pytest
+import torch
+
+from workbench.config import IntegratorSpec, PeftSpec
+from workbench.model import VisionLanguageModel
+from workbench.model_pool import ModelPool, tensor_bytes
+
+QUESTION = [{"role": "user", "content": "<image>\nwhat color is the shape?"}]
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_config, tmp_path_factory):
+    """The tiny config with encoder weights from a file: the same weights on every load, as pretrained ones are."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    weights = tmp_path_factory.mktemp("encoder") / "mobilenet_v3_small.pt"
+    torch.save(tvm.get_model("mobilenet_v3_small").state_dict(), weights)
+    config = copy.deepcopy(tiny_config)
+    config.encoder.pretrained = str(weights)
+    return config
+
+
+def save_run(config, folder, integrator="mlp", peft="none", seed=1):
+    config = copy.deepcopy(config)
+    config.integrator = IntegratorSpec(name=integrator)
+    if peft != "none":
+        config.peft = PeftSpec(method=peft, r=4, alpha=8)
+    torch.manual_seed(seed)
+    model = VisionLanguageModel.from_config(config)
+    with torch.no_grad():  # trained-looking parts: not their zero or identity initialisation
+        for p in list(model.integrator.parameters()) + [p for n, p in model.llm.named_parameters() if "lora_" in n]:
+            p.add_(0.05 * torch.randn_like(p))
+    return model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def runs(base_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"prefix": save_run(base_config, root / "prefix", "mlp", seed=1),
+            "in-llm+lora": save_run(base_config, root / "inllm", "gated_xattn", "lora", seed=2),
+            "other": save_run(base_config, root / "other", "qformer", seed=3)}
+
+
+def load(pool, folder):
+    from workbench.config import load_model_config
+
+    return pool.get(str(folder), load_model_config(folder / "config.yaml"), folder)
+
+
+def answer(model, image):
+    model.eval()
+    tokens = model.generate(QUESTION, [image], max_new_tokens=6)
+    batch = model.prepare_batch([QUESTION], [[image]], add_generation_prompt=True)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                       image_to_sample=batch["image_to_sample"]).logits
+    return tokens, logits
+
+
+def test_runs_share_the_base_tensors_and_answer_as_alone(runs, example_image):
+    pool = ModelPool(budget_bytes="64GB")
+    a, b = load(pool, runs["prefix"]), load(pool, runs["in-llm+lora"])
+    embed = lambda m: m.llm.get_input_embeddings().weight  # noqa: E731
+    assert embed(a).data_ptr() == embed(b).data_ptr()  # one LLM in memory
+    assert next(a.encoder.parameters()).data_ptr() == next(b.encoder.parameters()).data_ptr()
+    assert a.llm is not b.llm  # each run its own module tree: b's LoRA layers and hooks are not in a's
+    assert not any("lora_" in n for n, _ in a.llm.named_parameters())
+    assert tensor_bytes(b) > pool.loaded()[1]["own_bytes"] > 0  # b holds only its own parts
+    for model, folder in ((a, runs["prefix"]), (b, runs["in-llm+lora"])):
+        alone = VisionLanguageModel.from_pretrained(folder)
+        assert embed(alone).data_ptr() != embed(model).data_ptr()
+        shared_tokens, shared_logits = answer(model, example_image)
+        alone_tokens, alone_logits = answer(alone, example_image)
+        assert shared_tokens == alone_tokens
+        assert torch.equal(shared_logits, alone_logits)
+    assert answer(a, example_image)[1][:, -1].ne(answer(b, example_image)[1][:, -1]).any()  # different runs differ
+
+
+def test_the_budget_drops_the_least_recently_used_run_and_then_the_base(runs):
+    probe = ModelPool(budget_bytes="64GB")
+    load(probe, runs["prefix"])
+    base = probe.used_bytes - probe.loaded()[0]["own_bytes"]
+    probe.clear()
+    pool = ModelPool(budget_bytes=base + 1)  # room for the base and hardly anything else
+    first = load(pool, runs["prefix"])
+    other = load(pool, runs["other"])
+    assert pool.dropped == [str(runs["prefix"])]  # least recently used out first; the one asked for stays
+    assert [row["key"] for row in pool.loaded()] == [str(runs["other"])] and len(pool._bases) == 1
+    again = load(pool, runs["prefix"])  # loaded again, on the base that stayed (other used it)
+    assert again is not first
+    embed = lambda m: m.llm.get_input_embeddings().weight.data_ptr()  # noqa: E731
+    assert embed(again) == embed(other) == embed(first)  # the base was never loaded twice
+    pool.clear()
+    assert pool.used_bytes == 0 and not pool._bases  # no run uses the base: it went too
+
+
+def test_a_run_with_a_fine_tuned_llm_keeps_its_own(base_config, tmp_path):
+    config = copy.deepcopy(base_config)
+    torch.manual_seed(4)
+    model = VisionLanguageModel.from_config(config).set_trainable(llm=True)
+    folder = model.save_pretrained(tmp_path / "full")
+    pool = ModelPool(budget_bytes="64GB")
+    shared = load(pool, folder)
+    assert torch.equal(shared.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight)
+    assert pool.loaded()[0]["own_bytes"] >= tensor_bytes(model.llm)  # its LLM counted as its own
