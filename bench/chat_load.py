@@ -90,6 +90,27 @@ def make_runs(folder: Path, n: int) -> list[str]:
     return paths
 
 
+def model_ceiling(users: int, tokens: int) -> tuple[float, float, float]:
+    """The same request straight through `model.generate` in this process (no app, no HTTP, no streaming):
+    `users` of them one at a time, then as one batch — the most batching can give on this machine — and the
+    bytes of one unshared copy of the model (what each run would cost without the shared base)."""
+    from workbench.config import ModelConfig
+    from workbench.model import VisionLanguageModel
+    from workbench.model_pool import tensor_bytes
+
+    model = VisionLanguageModel.from_config(ModelConfig())
+    messages = [{"role": "user", "content": f"{model.config.image_token}\n{QUESTION}"}]
+    model.generate([messages], [[IMAGE]], max_new_tokens=tokens)  # warm-up
+    t0 = C.now()
+    for _ in range(users):
+        model.generate([messages], [[IMAGE]], max_new_tokens=tokens)
+    alone = C.now() - t0
+    t0 = C.now()
+    model.generate([messages] * users, [[IMAGE]] * users, max_new_tokens=tokens)
+    together = C.now() - t0
+    return alone, together, tensor_bytes(model) / 2 ** 20
+
+
 def latency_rows(label: str, users: int, wall: float, results: list[tuple[float, str]]) -> list[list[str]]:
     latencies = [s for s, _ in results]
     answered = sum(1 for _, text in results if text)
@@ -148,6 +169,11 @@ def main() -> int:
             wall, results = at_once(clients[:spread], tokens, ["default", *runs])
             answered_all = answered_all and all(t for _, t in results)
             rows += latency_rows(f"{spread} users over {n_runs + 1} runs", spread, wall, results)
+    alone, together, copy_mb = model_ceiling(sequential_users, tokens)
+    rows += [[f"model alone, {sequential_users} one at a time: wall (s)", f"{alone:.2f}"],
+             [f"model alone, {sequential_users} as one batch: wall (s)", f"{together:.2f}"],
+             ["model alone: batching speedup (the ceiling here)", f"{alone / together:.2f}"],
+             ["one unshared copy of the model (MiB)", f"{copy_mb:,.0f}"]]
     other.stop()
     headers = ["measure", "value"]
     print(C.text_table(headers, rows))
@@ -163,8 +189,11 @@ def main() -> int:
             f"generate call and streams each user's tokens. Part 2: {n_runs} runs saved from the embedded default "
             "(random integrators of different families: same frozen encoder and LLM) loaded into the same app: "
             "the time loading adds to a run's first answer, the app's resident memory with the default alone and "
-            "with every run loaded (they share the base, so each adds only its integrator), and users spread "
-            "over all the runs at once.",
+            "with every run loaded (they share the base, so each adds only its integrator; resident memory moves "
+            "by tens of MiB between readings anyway, so compare it with one unshared copy of the model), and users "
+            "spread over all the runs at once. Last, without the app: the same request straight through "
+            "`model.generate` in the benchmark's process, one at a time and as one batch — the most batching can "
+            "give on this machine; the app's speedup is measured against the same one-at-a-time requests.",
             "",
             f"- machine: {C.machine_line()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",

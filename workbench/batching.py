@@ -5,8 +5,11 @@ batcher=)`), so both front ends schedule the same way.
 
 One worker thread owns generation. It takes the oldest waiting request (first come, first served across
 sampling settings and models: a request is never starved by a stream of others that batch together), gathers
-up to `max_batch - 1` more waiting (or arriving within `batch_window` seconds) that can share its batch — the
-same model and the same sampling settings — and generates them as one left-padded batch. Each request's inputs
+up to `max_batch - 1` more waiting that can share its batch — the same model and the same sampling settings —
+and generates them as one left-padded batch. A batch stays open while matching requests keep arriving, each
+within `batch_window` seconds of the last, for at most `max_wait` seconds in all: a class pressing Send together
+arrives spread over its uploads, and a batch that left with the first few would make the rest wait for it to
+finish; a lone user waits `batch_window` at most. Each request's inputs
 are prepared on their own first (images loaded and checked, the conversation encoded), so a bad image fails
 only its own request with a one-line error; a batch that still fails before its first token is retried one
 request at a time, so one bad row never takes the others down.
@@ -140,10 +143,12 @@ class GenerationBatcher:
     `model`: the model jobs without their own use (None: every job names its model). `lock`: held while
     generating, so work that must not overlap generation (attention views on a CPU) can take it too."""
 
-    def __init__(self, model=None, max_batch: int = 8, max_queue: int = 64, batch_window: float = 0.02, lock=None):
+    def __init__(self, model=None, max_batch: int = 8, max_queue: int = 64, batch_window: float = 0.02, lock=None,
+                 max_wait: float | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ConfigError("max_batch and max_queue must be at least 1")
         self.model, self.max_batch, self.max_queue, self.batch_window = model, max_batch, max_queue, batch_window
+        self.max_wait = 10 * batch_window if max_wait is None else max_wait
         self.lock = lock or threading.RLock()
         self._waiting: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
@@ -199,12 +204,14 @@ class GenerationBatcher:
                 return None
             first = self._waiting.popleft()
             batch = [first]
-            deadline = time.monotonic() + self.batch_window
+            opened = time.monotonic()
+            deadline = opened + self.batch_window
             while len(batch) < self.max_batch:
                 match = next((j for j in self._waiting if j.key == first.key), None)
                 if match is not None:
                     self._waiting.remove(match)
                     batch.append(match)
+                    deadline = min(time.monotonic() + self.batch_window, opened + self.max_wait)  # more may follow
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
@@ -245,6 +252,7 @@ class GenerationBatcher:
         if len(self.batches) > 10_000:
             del self.batches[:5_000]
         self.generating = len(jobs)
+        started = time.monotonic()
         try:
             with self.lock:
                 model.generate([j.messages for j in jobs], [j.images for j in jobs],
@@ -265,6 +273,7 @@ class GenerationBatcher:
         finally:
             self.generating = 0
         streamer.end()
+        log.info("answered %d request(s) together in %.2f s", len(jobs), time.monotonic() - started)
 
 
 def stream_answer(batcher: GenerationBatcher, job: GenerationJob, timeout: float = 600.0) -> Iterator[str]:
@@ -282,9 +291,21 @@ def stream_answer(batcher: GenerationBatcher, job: GenerationJob, timeout: float
                 kind, value = events.get(timeout=timeout)
             except queue.Empty:
                 raise WorkbenchError(f"No answer within {timeout:.0f} s: the server is overloaded") from None
-            if kind == "delta":
-                yield value
-            elif kind == "done":
+            if kind == "delta":  # with what else has come meanwhile: a slow reader gets fewer, larger pieces
+                text = [value]
+                while True:
+                    try:
+                        kind, value = events.get_nowait()
+                    except queue.Empty:
+                        kind = None
+                        break
+                    if kind != "delta":
+                        break
+                    text.append(value)
+                yield "".join(text)
+                if kind is None:
+                    continue
+            if kind == "done":
                 done = True
                 return
             else:
