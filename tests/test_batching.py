@@ -157,3 +157,36 @@ def test_closing_the_stream_cancels_the_job(tiny_model, example_image):
         assert whole.strip()
     finally:
         batcher.close()
+
+
+def test_a_burst_keeps_the_batch_open_until_it_stops_arriving(tiny_model, example_image):
+    """Requests arriving one after another, each within the window of the last, join one batch even though the
+    burst lasts longer than one window; a request after the burst has ended starts the next batch."""
+    batcher = GenerationBatcher(tiny_model.eval(), max_batch=8, batch_window=0.3, max_wait=10.0)
+    try:
+        rec = Recorder()
+        rec.expected = 5
+        for i in range(4):
+            batcher.submit(rec.job(f"r{i}", [example_image]))
+            time.sleep(0.15)  # 4 arrivals over 0.45 s: longer than one window, each within it of the last
+        assert rec.done.wait(0.0) is False
+        wait_for(lambda: len(rec.ended()) == 4, timeout=120)
+        batcher.submit(rec.job("late", [example_image]))
+        assert rec.done.wait(120)
+        assert list(batcher.batches) == [4, 1]
+    finally:
+        batcher.close()
+
+
+def test_a_reader_that_falls_behind_gets_the_pieces_joined(tiny_model, example_image):
+    batcher = GenerationBatcher(tiny_model.eval(), batch_window=0.0)
+    try:
+        alone = "".join(stream_answer(batcher, GenerationJob(list(QUESTION), [example_image], 12)))
+        pieces = []
+        for piece in stream_answer(batcher, GenerationJob(list(QUESTION), [example_image], 12)):
+            pieces.append(piece)
+            time.sleep(1.0)  # a busy reader: the tiny model's other tokens are generated meanwhile
+        assert alone and "".join(pieces) == alone  # nothing lost or repeated
+        assert len(pieces) <= 2  # the first piece, then everything that came while the reader was busy
+    finally:
+        batcher.close()

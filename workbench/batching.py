@@ -279,8 +279,10 @@ class GenerationBatcher:
 def stream_answer(batcher: GenerationBatcher, job: GenerationJob, timeout: float = 600.0) -> Iterator[str]:
     """Submit `job` and yield its text as it comes; returns when it is done, raises its error as one line.
 
-    A consumer that stops early (a browser tab closed: the generator is closed) cancels the job, which frees
-    its place in the queue or its row in the batch."""
+    Pieces that arrived while the reader was busy are joined into one, so a reader that falls behind (a server
+    streaming to a whole class) catches up in one update instead of one per token. A consumer that stops early
+    (a browser tab closed: the generator is closed) cancels the job, which frees its place in the queue or its
+    row in the batch."""
     events: queue.Queue = queue.Queue()
     job.sink = lambda kind, value: events.put((kind, value))
     batcher.submit(job)
@@ -291,24 +293,19 @@ def stream_answer(batcher: GenerationBatcher, job: GenerationJob, timeout: float
                 kind, value = events.get(timeout=timeout)
             except queue.Empty:
                 raise WorkbenchError(f"No answer within {timeout:.0f} s: the server is overloaded") from None
-            if kind == "delta":  # with what else has come meanwhile: a slow reader gets fewer, larger pieces
-                text = [value]
-                while True:
-                    try:
-                        kind, value = events.get_nowait()
-                    except queue.Empty:
-                        kind = None
-                        break
-                    if kind != "delta":
-                        break
-                    text.append(value)
-                yield "".join(text)
-                if kind is None:
-                    continue
+            pending = []
+            while kind == "delta":
+                pending.append(value)
+                try:
+                    kind, value = events.get_nowait()
+                except queue.Empty:
+                    kind = None
+            if pending:
+                yield "".join(pending)
             if kind == "done":
                 done = True
                 return
-            else:
+            if kind == "error":
                 done = True
                 raise WorkbenchError(one_line(value)) from None
     finally:
