@@ -258,6 +258,8 @@ def test_concurrent_chats_are_answered_in_one_batch(wb, tiny_model, example_imag
     history, state = results[0]
     history, state, _ = _drain(wb.chat(str(folder), None, "and its shape?", history, state, 4, 0.0, 1.0))
     assert len(state["session"].messages) == 4 and len(history) == 4  # the tab's conversation goes on
+    history, state, _ = _drain(wb.chat(str(folder), str(example_image), "what shape?", [], state, 4, 0.0, 1.0))
+    assert len(state["session"].messages) == 2  # an empty transcript (New chat, or an API call) starts afresh
     assert "Chat: up to 16 answers generated together" in wb.cache.bounds() and "GiB" in wb.cache.bounds()
 
 

@@ -330,7 +330,7 @@ class Workbench:
         except Exception as e:  # noqa: BLE001
             _fail(e)
         state = session_state or {}
-        if state.get("source") != source:
+        if state.get("source") != source or not history:  # an empty transcript is a new conversation, as shown
             if state.get("session") is not None:
                 state["session"].model = None  # the old session must not keep its model (and its GPU memory)
             state = {"source": source, "session": ChatSession(model)}
