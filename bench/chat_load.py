@@ -40,7 +40,7 @@ def make_clients(url: str, n: int) -> list:
     from gradio_client import Client
 
     with ThreadPoolExecutor(min(n, 8)) as pool:
-        return list(pool.map(lambda _: Client(url, verbose=False), range(n)))
+        return list(pool.map(lambda _: Client(url, verbose=False, download_files=False), range(n)))
 
 
 def ask(client, tokens: int, source: str = "default") -> tuple[float, str]:
