@@ -182,3 +182,31 @@ def test_answer_logits_only_gives_the_same_loss_and_gradients(tiny_model, exampl
     assert fast.logits.shape[1] < full.logits.shape[1]
     for g, p in zip(grads, tiny_model.integrator.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_generation_runs_in_inference_mode_and_restores_the_mode(tiny_config, example_image, tmp_path):
+    """A model fresh from from_config is in training mode; with a batch-statistics feature standardiser, an answer
+    must still not depend on the rest of its batch, and generating must not move the running statistics."""
+    import copy
+
+    from PIL import Image
+
+    from workbench.model import VisionLanguageModel
+
+    config = copy.deepcopy(tiny_config)
+    config.integrator.options = {"input_norm": "batch"}
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(config)
+    assert model.training
+    norm = next(m for m in model.integrator.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    with torch.no_grad():  # running statistics that differ from any one batch's
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    stats = (norm.running_mean.clone(), norm.running_var.clone(), int(norm.num_batches_tracked))
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    single = model.generate(Q, [example_image], max_new_tokens=6)
+    batch = model.generate([Q, Q], [[example_image], [blue]], max_new_tokens=6)
+    assert batch[0] == single
+    assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
+    assert int(norm.num_batches_tracked) == stats[2] and model.training

@@ -464,17 +464,28 @@ class VisionLanguageModel(nn.Module):
     @torch.inference_mode()
     def generate(self, messages: Conversation | Sequence[Conversation], images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]] = (),
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, streamer=None, **extra):
-        """Answer one conversation (returns str) or a batch of conversations (returns list[str])."""
+        """Answer one conversation (returns str) or a batch of conversations (returns list[str]).
+
+        Always in inference mode: a model fresh from `from_config` is in training mode, where batch-statistics
+        layers (the integrators' feature standardiser) would make an answer depend on the rest of its batch and
+        would update their running statistics; the mode is restored afterwards."""
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         image_lists = [list(images)] if single else [list(x) for x in images] if images else [[] for _ in conversations]
-        inputs, features, image_to_sample = self._generation_inputs(conversations, image_lists)
-        self.integrator.set_visual_context(features, image_to_sample)
+        was_training = self.training
+        self.eval()
         try:
-            out = peft_generate(self.llm, inputs.inputs_embeds, inputs.attention_mask,  # = self.llm.generate without PEFT
-                                streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+            inputs, features, image_to_sample = self._generation_inputs(conversations, image_lists)
+            self.integrator.set_visual_context(features, image_to_sample)
+            try:
+                out = peft_generate(self.llm, inputs.inputs_embeds, inputs.attention_mask,  # = llm.generate without PEFT
+                                    streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p,
+                                                                                 **extra))
+            finally:
+                self.integrator.set_visual_context(None, None)
         finally:
-            self.integrator.set_visual_context(None, None)
+            if was_training:
+                self.train()
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         return texts[0] if single else texts
