@@ -42,6 +42,21 @@ def p95(values: list[float]) -> float:
     return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)]
 
 
+def launch(wb, name: str, limit: int, minutes: float) -> str:
+    """A single-stage run of the embedded default on easy-VQA, registered and started in the app's registry (as
+    the Train tab's custom launch does, without going through its form inputs)."""
+    from workbench import frontend
+    from workbench.config import DataSpec, ModelConfig
+    from workbench.data.prompting import SHORT_ANSWER_SYSTEM_PROMPT
+
+    model = ModelConfig(system_prompt=SHORT_ANSWER_SYSTEM_PROMPT)
+    data = DataSpec(kind="easy-vqa", options={"split": "train", "limit": limit})
+    run = frontend.run_config(model, data, "single-stage", name, 16, 1e-3, 1, minutes or None, 0)
+    run_id = wb.registry.create(run)
+    wb.registry.start(run_id)
+    return run_id
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 refreshes per side")
@@ -52,14 +67,11 @@ def main() -> int:
     app = load_app()
     with tempfile.TemporaryDirectory() as tmp:
         wb = app.Workbench(Path(tmp) / "runs")
-        idle_id, _ = wb.launch("mobilenet_v2", "mlp", "smollm2-135m-instruct", "none", "{}", "easy-vqa",
-                               '{"split": "train", "limit": 64}', "single-stage", "idle reference", 16, 1e-3, 1, 0, 0,
-                               False)
+        idle_id = launch(wb, "idle reference", limit=64, minutes=0)
         wb.registry.wait(idle_id, timeout=600)
         idle = {"progress": time_calls(lambda: wb.progress(idle_id), n, 0.05),
                 "runs table": time_calls(wb.runs_table, n, 0.05)}
-        run_id, _ = wb.launch("mobilenet_v2", "mlp", "smollm2-135m-instruct", "none", "{}", "easy-vqa",
-                              '{"split": "train", "limit": 4000}', "single-stage", "busy", 16, 1e-3, 1, 10, 0, False)
+        run_id = launch(wb, "busy", limit=4000, minutes=10)
         deadline = time.time() + 300
         while wb.progress(run_id)[0].find("step 0") != -1 or "running" not in wb.progress(run_id)[0]:
             if time.time() > deadline:

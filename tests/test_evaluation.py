@@ -274,9 +274,10 @@ def test_every_front_end_calls_evaluate(fake_evaluate, tiny_model, tmp_path, mon
     wb = app.Workbench(tmp_path / "runs")
     wb.cache = SimpleNamespace(lock=contextlib.nullcontext(), get=lambda run_id: tiny_model)
     before = len(fake_evaluate)
-    rows, efficiency = wb.evaluate("r1", "test", 8, app.WITHHELD, progress=lambda *a, **k: None)
+    table, _, efficiency = wb.evaluate("r1", "easy-vqa", '{"split": "test"}', 8, app.WITHHELD,
+                                       progress=lambda *a, **k: None)
     assert [c.get("text_only", False) for c in fake_evaluate[before:]] == [False, True]
-    assert rows[0] == ["overall", "0.5000", "0.5000"] and "10.00% trainable" in efficiency
+    assert table["data"][0] == ["overall", "50.0%", "50.0%"] and "10.00% trainable" in efficiency
 
     # 6. the benchmarks' evaluation of a saved model
     monkeypatch.syspath_prepend(str(REPO / "bench"))

@@ -116,10 +116,10 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_config, ll
 _LAUNCH_FROM_APP = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    from test_app import app_module
+    from test_app import CUSTOM, app_module, form
     wb = app_module.Workbench(sys.argv[2])
-    run_id, _ = wb.launch("mobilenet_v2", "mlp", sys.argv[3], "none", "{}", "llava", json.dumps({"json_path": sys.argv[4]}),
-                          "single-stage", "app run", 2, 1e-3, 400, 0, 0, False)
+    run_id, _ = wb.launch(*CUSTOM, "llava", json.dumps({"json_path": sys.argv[4]}), "single-stage", "app run", 2, 1e-3,
+                          400, 0, 0, False, "mobilenet_v2", "mlp", sys.argv[3], "none", *form(wb, "mlp"))
     print(run_id)
 """)
 
