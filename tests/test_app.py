@@ -9,7 +9,6 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from conftest import image_beside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,12 +92,8 @@ def test_data_preview_shows_samples_and_counts(wb):
         wb.preview("llava", '{"json_path": "/nowhere/data.json"}')
 
 
-def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, tmp_path):
-    rows = [{"id": str(i), "image": image_beside(tmp_path),
-             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
-                               {"from": "gpt", "value": "red"}]} for i in range(8)]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+def test_train_watch_chat_explain_evaluate(wb, tiny_llm_dir, example_image, llava_data, tmp_path):
+    data = llava_data
     run_id, update = wb.launch(*CUSTOM, "llava", json.dumps({"json_path": str(data)}), "single-stage", "app run", 4,
                                1e-3, 1, 0, 0, False, "mobilenet_v2", "mlp", str(tiny_llm_dir), "none", *form(wb, "mlp"))
     assert update["value"] == run_id

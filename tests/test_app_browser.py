@@ -9,17 +9,12 @@ Shared fixtures and gestures: tests/browser.py.
 import json
 
 from browser import BROWSER, page, server, pick, fill, shot, tab, visible_text  # noqa: F401 -- fixtures
-from conftest import image_beside
 
 pytestmark = BROWSER
 
 
-def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, example_image, tmp_path):
-    rows = [{"id": str(i), "image": image_beside(tmp_path),
-             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
-                               {"from": "gpt", "value": "red"}]} for i in range(8)]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+def test_a_new_user_trains_chats_and_looks_inside(server, page, tiny_llm_dir, example_image, llava_data, tmp_path):
+    data = llava_data
     page.goto(server)
     page.get_by_text("VLLM Workbench").first.wait_for()
     shot(page, "01-opened")

@@ -5,17 +5,12 @@ budget, a small batch), launches it, and watches it reach `completed`. Screensho
 import json
 
 from browser import BROWSER, page, server, pick, fill, shot, tab, visible_text  # noqa: F401 -- fixtures
-from conftest import image_beside
 
 pytestmark = BROWSER
 
 
-def test_a_recipe_is_picked_edited_launched_and_finishes(server, page, tiny_llm_dir, tmp_path):
-    rows = [{"id": str(i), "image": image_beside(tmp_path),
-             "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
-                               {"from": "gpt", "value": "red"}]} for i in range(8)]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+def test_a_recipe_is_picked_edited_launched_and_finishes(server, page, tiny_llm_dir, llava_data):
+    data = llava_data
     page.goto(server)
     page.get_by_text("VLLM Workbench").first.wait_for()
     tab(page, "Train")
