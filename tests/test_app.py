@@ -271,3 +271,14 @@ def test_a_tab_closed_mid_answer_frees_its_row(wb, tiny_model, example_image, tm
     assert left["session"].messages == []  # the abandoned answer did not enter the tab's conversation
     history, state, _ = _drain(wb.chat(str(folder), str(example_image), "and now?", [], left, 3, 0.0, 1.0))
     assert history[-1]["content"] and len(state["session"].messages) == 2  # the worker serves the next one
+
+
+def test_every_options_box_refuses_bad_json_in_one_line(wb, tiny_llm_dir):
+    for bad, message in (("{nope", "Loader options are not valid JSON"), ("[1, 2]", "must be a JSON object")):
+        with pytest.raises(gr.Error, match=message):
+            wb.preview("easy-vqa", bad)
+        with pytest.raises(gr.Error, match=message):  # the custom launch's data options (was an "Unexpected error")
+            wb.launch(*CUSTOM, "easy-vqa", bad, "single-stage", "", 4, 1e-3, 1, 0, 0, False, "mobilenet_v2", "mlp",
+                      str(tiny_llm_dir), "none", *form(wb, "mlp"))
+    with pytest.raises(gr.Error, match="Evaluation data options must be a JSON object"):
+        wb.evaluate("some-run", "easy-vqa", '"test"', 8, "none", progress=lambda *a, **k: None)

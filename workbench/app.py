@@ -52,6 +52,17 @@ def _fail(e: Exception):
     raise gr.Error(f"Unexpected error ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def _options(text: str | None, what: str = "Loader options") -> dict:
+    """A JSON options box's text as a dict, or one readable line saying what is wrong with it."""
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise gr.Error(f"{what} are not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(options, dict):
+        raise gr.Error(f'{what} must be a JSON object, e.g. {{"split": "train"}}')
+    return options
+
+
 def _label(row: dict) -> str:
     offline = row.get("offline")
     return f"{row['name']}" + (" (offline)" if offline is True else " (needs hub)" if offline is False else "")
@@ -143,11 +154,9 @@ class Workbench:
 
     # ------------------------------------------------------------------ data
     def preview(self, kind: str, options_json: str):
+        options = _options(options_json)
         try:
-            options = json.loads(options_json or "{}")
             data = frontend.preview_data(kind, options, n=6)
-        except json.JSONDecodeError as e:
-            raise gr.Error(f"Loader options are not valid JSON: {e.msg}") from None
         except Exception as e:  # noqa: BLE001
             _fail(e)
         gallery = []
@@ -187,10 +196,7 @@ class Workbench:
         """The picked recipe with the Train tab's edits, validated (one readable line when an edit is wrong)."""
         from workbench.recipes import apply_edits, find_recipe, recipe_catalog
 
-        try:
-            options = json.loads(data_options or "{}")
-        except json.JSONDecodeError as e:
-            raise gr.Error(f"Recipe data options are not valid JSON: {e.msg}") from None
+        options = _options(data_options, "Recipe data options")
         recipe = find_recipe(recipe_catalog(self.registry), key)
         run = apply_edits(recipe.run, {"name": name, "llm": llm, "batch_size": batch_size, "stages": stages,
                                        "budget": budget, "peft_method": peft_method, "peft_r": peft_r,
@@ -213,7 +219,7 @@ class Workbench:
                                       text_only)
             else:
                 model = self.model_config(encoder, integrator, llm, peft, *form_values)
-                data = DataSpec(kind=kind, options=json.loads(data_options or "{}"))
+                data = DataSpec(kind=kind, options=_options(data_options))
                 eval_data = DataSpec(kind="easy-vqa", options={"split": "test"}) if kind == "easy-vqa" else None
                 run = frontend.run_config(model, data, paradigm, name, batch_size, lr, epochs, max_minutes, eval_every,
                                           text_only, eval_data)
@@ -441,10 +447,7 @@ class Workbench:
 
         if not run_id:
             raise gr.Error("Pick a run")
-        try:
-            options = json.loads(options_json or "{}")
-        except json.JSONDecodeError as e:
-            raise gr.Error(f"Loader options are not valid JSON: {e.msg} (line {e.lineno})") from None
+        options = _options(options_json, "Evaluation data options")
         try:
             data = frontend.evaluation_data(kind, options)  # a bad path fails here, before a model loads
             progress(0, desc="evaluating")
