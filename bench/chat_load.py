@@ -1,7 +1,9 @@
 """Chat under load: a class asks the app at once, through its HTTP API; answers are batched across users.
 
 Starts the app (`workbench.app`) as `make run` does (its own process, loopback, default bounds) and sends the
-Chat tab's request (an example image, 32 new tokens, greedy) from concurrent `gradio_client` sessions.
+Chat tab's request (an example image, 32 new tokens, greedy) from concurrent users, each a lean HTTP client
+that drives the Chat tab as a browser does (the image uploaded once, each question one call of the chat event,
+its answer streamed back).
 
 Part 1, one model (the embedded default): for each user count (16 and 32), all users ask at once — answered,
 wall time, p50/p95 latency — and 16 users asking one after another (one at a time). The result is the speedup
@@ -19,6 +21,7 @@ Run: .venv/bin/python bench/chat_load.py [--quick] [--users 16 32] [--runs 4]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -36,22 +39,51 @@ QUESTION = "What color is the shape?"
 INTEGRATORS = ("linear", "qformer", "resampler", "gated_xattn", "avg_pool", "c_abstractor")
 
 
-def make_clients(url: str, n: int) -> list:
-    from gradio_client import Client
+class Student:
+    """One user of the Chat tab, as a browser drives it: the image is uploaded once, when it is picked, and each
+    question is one call of the chat event through gradio's HTTP API, whose answer streams back as server-sent
+    events. A lean client (one pooled HTTP connection, no per-call upload or worker threads), because it runs on
+    the same cores as the app it measures."""
 
-    with ThreadPoolExecutor(min(n, 8)) as pool:
-        return list(pool.map(lambda _: Client(url, verbose=False, download_files=False), range(n)))
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.http = url.rstrip("/"), httpx.Client(timeout=600)
+        with open(IMAGE, "rb") as f:
+            reply = self.http.post(f"{self.url}/gradio_api/upload", files=[("files", (IMAGE.name, f))])
+        reply.raise_for_status()
+        self.image = {"path": reply.json()[0], "orig_name": IMAGE.name, "meta": {"_type": "gradio.FileData"}}
+
+    def ask(self, tokens: int, source: str = "default") -> tuple[float, str]:
+        """Send the question, read the streamed answer to its end: (seconds, final answer text)."""
+        t0 = C.now()
+        call = self.http.post(f"{self.url}/gradio_api/call/chat",
+                              json={"data": [source, self.image, QUESTION, [], tokens, 0.0, 1.0]})
+        call.raise_for_status()
+        event, last = None, None
+        with self.http.stream("GET", f"{self.url}/gradio_api/call/chat/{call.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    if event == "error":
+                        raise RuntimeError(f"the app answered with an error: {line.removeprefix('data:').strip()}")
+                    if event in ("generating", "complete"):
+                        last = line.removeprefix("data:")
+                    if event == "complete":
+                        break
+        answer = json.loads(last)[0][-1]["content"] if last else ""
+        text = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer
+                                                               if isinstance(part, dict))
+        return C.now() - t0, text.strip()
 
 
-def ask(client, tokens: int, source: str = "default") -> tuple[float, str]:
-    from gradio_client import handle_file
+def make_clients(url: str, n: int) -> list[Student]:
+    return [Student(url) for _ in range(n)]
 
-    t0 = C.now()
-    history, _ = client.predict(source, handle_file(str(IMAGE)), QUESTION, [], tokens, 0.0, 1.0, api_name="/chat")
-    answer = history[-1]["content"]
-    text = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer
-                                                           if isinstance(part, dict))
-    return C.now() - t0, text.strip()
+
+def ask(client: Student, tokens: int, source: str = "default") -> tuple[float, str]:
+    return client.ask(tokens, source)
 
 
 def at_once(clients: list, tokens: int, sources: list[str]) -> tuple[float, list[tuple[float, str]]]:
@@ -192,8 +224,10 @@ def main() -> int:
         body = "\n".join([
             "## chat_load — a class chatting at once through the app's HTTP API",
             "",
-            f"the app (`workbench.app`) in its own process on loopback with its default bounds; `gradio_client` "
-            f"sessions send the Chat tab's request (`examples/images/red_circle.png`, {tokens} new tokens, greedy). "
+            f"the app (`workbench.app`) in its own process on loopback with its default bounds; each user is a lean "
+            "HTTP client driving the Chat tab as a browser does (its image uploaded once, when picked; each question "
+            "one call of the chat event through gradio's HTTP API, the answer streamed back as server-sent events) "
+            f"and sends the Chat tab's request (`examples/images/red_circle.png`, {tokens} new tokens, greedy). "
             f"Part 1, the embedded default model: {sequential_users} users one after another, then "
             f"{' and '.join(map(str, user_counts))} users at once — the app batches concurrent answers into one "
             f"generate call and streams each user's tokens. Part 2: {n_runs} runs saved from the embedded default "

@@ -105,6 +105,22 @@ def test_batched_generation_matches_single(tiny_model, example_image):
     assert batch[0] == single and len(batch) == 2
 
 
+def test_the_encoder_runs_once_per_distinct_image_in_a_batch(tiny_model, example_image, tmp_path):
+    from PIL import Image
+
+    other = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(other)
+    pixels = tiny_model.pixel_values([example_image, other, example_image, example_image])
+    calls = []
+    hook = tiny_model.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        features = tiny_model._encode_distinct(pixels)
+    finally:
+        hook.remove()
+    assert calls == [2]  # two distinct images of four
+    torch.testing.assert_close(features, tiny_model.encode_images(pixels))
+
+
 def test_stream_raises_errors_in_the_caller(tiny_model, tmp_path):
     empty = tmp_path / "zero.png"
     empty.write_bytes(b"")

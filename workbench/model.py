@@ -7,6 +7,7 @@ config.yaml, the trained parts as safetensors, a manifest — and references to 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
@@ -445,10 +446,26 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ generation
     def _generation_inputs(self, conversations, images):
         batch = self.prepare_batch(conversations, images, add_generation_prompt=True)
-        features = self.encode_images(batch["pixel_values"]) if "pixel_values" in batch else None
+        features = self._encode_distinct(batch["pixel_values"]) if "pixel_values" in batch else None
         visual = self.visual_tokens(features) if features is not None else None
         inputs = self.splice(batch["input_ids"], batch["attention_mask"], visual, padding_side="left")
         return inputs, features, batch.get("image_to_sample")
+
+    def _encode_distinct(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`encode_images`, running the encoder once per distinct image: a class asking about the same example
+        image is batched together (the chat batcher), and each copy would cost a full encoder pass."""
+        slot: dict[bytes, int] = {}
+        distinct, rows = [], []
+        for i, row in enumerate(pixel_values.detach().cpu()):
+            key = hashlib.blake2b(row.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).digest()
+            if key not in slot:
+                slot[key] = len(distinct)
+                distinct.append(i)
+            rows.append(slot[key])
+        if len(distinct) == len(rows):
+            return self.encode_images(pixel_values)
+        features = self.encode_images(pixel_values[distinct])
+        return features[torch.tensor(rows, device=features.device)]
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, **extra) -> dict:
         from transformers import GenerationConfig
