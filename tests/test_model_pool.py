@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workbench.config import IntegratorSpec, PeftSpec
+from workbench.errors import ConfigError
 from workbench.model import VisionLanguageModel
 from workbench.model_pool import ModelPool, tensor_bytes
 
@@ -63,7 +64,7 @@ def answer(model, image):
 
 
 def test_runs_share_the_base_tensors_and_answer_as_alone(runs, example_image):
-    pool = ModelPool(budget_bytes="64GB")
+    pool = ModelPool(budget_bytes="64GB", dtype="float32")  # as loaded alone (serving in bf16: its own test)
     a, b = load(pool, runs["prefix"]), load(pool, runs["in-llm+lora"])
     embed = lambda m: m.llm.get_input_embeddings().weight  # noqa: E731
     assert embed(a).data_ptr() == embed(b).data_ptr()  # one LLM in memory
@@ -104,7 +105,32 @@ def test_a_run_with_a_fine_tuned_llm_keeps_its_own(base_config, tmp_path):
     torch.manual_seed(4)
     model = VisionLanguageModel.from_config(config).set_trainable(llm=True)
     folder = model.save_pretrained(tmp_path / "full")
-    pool = ModelPool(budget_bytes="64GB")
+    pool = ModelPool(budget_bytes="64GB", dtype="float32")
     shared = load(pool, folder)
     assert torch.equal(shared.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight)
     assert pool.loaded()[0]["own_bytes"] >= tensor_bytes(model.llm)  # its LLM counted as its own
+
+
+def test_runs_answer_in_the_serving_dtype_on_their_shared_base(runs, example_image):
+    pool = ModelPool(budget_bytes="64GB", dtype="bfloat16")
+    a, b = load(pool, runs["prefix"]), load(pool, runs["in-llm+lora"])
+    embed = lambda m: m.llm.get_input_embeddings().weight  # noqa: E731
+    assert embed(a).dtype == torch.bfloat16 and embed(a).data_ptr() == embed(b).data_ptr()
+    assert {p.dtype for p in a.integrator.parameters()} == {torch.float32}  # fp32 weights, cast where they meet
+    for model, folder in ((a, runs["prefix"]), (b, runs["in-llm+lora"])):
+        alone = VisionLanguageModel.from_pretrained(folder, dtype="bfloat16")
+        assert answer(model, example_image)[0] == answer(alone, example_image)[0]
+    with pytest.raises(ConfigError, match="serving dtype"):
+        ModelPool(dtype="float8")
+
+
+def test_the_serving_dtype_is_bf16_where_the_hardware_computes_it(monkeypatch):
+    from workbench import llm
+
+    monkeypatch.setattr(llm, "cpu_has_fast_bf16", lambda: True)
+    assert llm.serving_dtype("auto", "cpu") == "bfloat16"
+    assert llm.serving_dtype("float32", "cpu") == "float32"  # a run that names its dtype keeps it
+    assert llm.serving_dtype("auto", "cpu", "float32") == "float32"  # the server's choice overrides
+    assert llm.serving_dtype("auto", "cuda:0") == "auto"  # resolve_dtype's GPU rule: native bf16, else fp16
+    monkeypatch.setattr(llm, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert llm.serving_dtype("auto", "cpu") == "auto" and llm.resolve_dtype("auto", torch.device("cpu")) == torch.float32

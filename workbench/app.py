@@ -79,7 +79,8 @@ class Workbench:
         self.cache = frontend.ModelCache(self.registry, os.environ.get("WORKBENCH_MODEL_MEMORY") or None,
                                          max_batch=int(os.environ.get("WORKBENCH_CHAT_MAX_BATCH", CHAT_MAX_BATCH)),
                                          max_queue=int(os.environ.get("WORKBENCH_CHAT_MAX_QUEUE", CHAT_MAX_QUEUE)),
-                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.1)))
+                                         batch_window=float(os.environ.get("WORKBENCH_CHAT_BATCH_WINDOW", 0.1)),
+                                         dtype=os.environ.get("WORKBENCH_SERVE_DTYPE", "auto"))
         self.catalog = frontend.catalog()
         from workbench.forms import option_fields
 
@@ -774,6 +775,8 @@ def read_auth(auth_file: str | None) -> tuple[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workbench.config import LLM_DTYPES
+
     parser = argparse.ArgumentParser(description="The VLLM Workbench in the browser")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("WORKBENCH_APP_PORT", 7860)))
@@ -786,9 +789,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"$WORKBENCH_CHAT_MAX_QUEUE or {CHAT_MAX_QUEUE}); more are refused as busy")
     parser.add_argument("--model-memory", help="memory for loaded models, e.g. 8GB (default $WORKBENCH_MODEL_MEMORY "
                         "or half the GPU memory / available RAM); least recently used runs are dropped first")
+    parser.add_argument("--dtype", choices=LLM_DTYPES, help="the LLM dtype models answer in (default "
+                        "$WORKBENCH_SERVE_DTYPE or auto: bf16 where the CPU or GPU computes it natively, unless a "
+                        "run's config names its dtype)")
     args = parser.parse_args(argv)
     for flag, env in ((args.chat_batch, "WORKBENCH_CHAT_MAX_BATCH"), (args.chat_queue, "WORKBENCH_CHAT_MAX_QUEUE"),
-                      (args.model_memory, "WORKBENCH_MODEL_MEMORY")):
+                      (args.model_memory, "WORKBENCH_MODEL_MEMORY"), (args.dtype, "WORKBENCH_SERVE_DTYPE")):
         if flag is not None:
             os.environ[env] = str(flag)  # the Workbench reads its bounds from there
     from workbench.logs import quiet_libraries

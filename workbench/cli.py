@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import LLM_DTYPES
 from .errors import WorkbenchError
 from .evaluation import HEADLINE as EVAL_TASKS
 
@@ -369,7 +370,7 @@ def cmd_serve(args) -> int:
     if args.name:
         settings.name = args.name
     serve(args.run, args.host, args.port, settings, registry=_registry(args.runs) if args.runs else None,
-          device=args.device, on_ready=lambda url: print(f"serving {settings.name} on {url} (OpenAI-compatible"
+          device=args.device, dtype=args.dtype, on_ready=lambda url: print(f"serving {settings.name} on {url} (OpenAI-compatible"
                                                          f"{', API key required' if api_key else ''}); Ctrl-C stops",
                                                          flush=True))
     return 0
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait (more get 429)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=LLM_DTYPES,
+                   help="the LLM dtype to answer in (auto: the run's configured dtype, else bf16 where the CPU or "
+                        "GPU computes it natively)")
     p.add_argument("--runs", help="runs directory (default: $WORKBENCH_RUNS or ./runs)")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -54,6 +54,10 @@ class IntegratorSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+LLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What `llm.dtype` (and the serving dtype of the app and `workbench serve`) may be."""
+
+
 @dataclass
 class LLMSpec:
     """The language model: an embedded alias, a hub id, a local directory or a .gguf file."""
@@ -120,7 +124,7 @@ class ModelConfig:
         for part, spec in (("encoder", self.encoder), ("llm", self.llm)):
             if spec.weights not in ("pretrained", "random"):
                 raise ConfigError(f"{part}.weights must be pretrained or random, not '{spec.weights}'")
-        if self.llm.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.llm.dtype not in LLM_DTYPES:
             raise ConfigError(f"llm.dtype must be auto, float32, bfloat16 or float16, not '{self.llm.dtype}'")
         if self.llm.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise ConfigError("llm.attn_implementation must be sdpa, eager or flash_attention_2")

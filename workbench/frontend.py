@@ -313,12 +313,12 @@ class ModelCache:
     """
 
     def __init__(self, registry=None, memory_budget: int | str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, batch_window: float = 0.05):
+                 max_queue: int = 64, batch_window: float = 0.05, dtype: str = "auto"):
         from .batching import GenerationBatcher
         from .model_pool import ModelPool
 
         self.registry = registry
-        self.pool = ModelPool(memory_budget)
+        self.pool = ModelPool(memory_budget, dtype=dtype)
         self.lock = threading.RLock()
         self.batcher = GenerationBatcher(None, max_batch=max_batch, max_queue=max_queue, batch_window=batch_window,
                                          lock=self.lock)
@@ -355,7 +355,16 @@ class ModelCache:
         """What the app states about its limits: batching, queue and model memory."""
         return (f"Chat: {self.batcher.bounds()}. Models: kept loaded within {self.pool.budget / 2 ** 30:.1f} GiB "
                 f"(runs sharing a frozen encoder and LLM hold them once); least recently used runs are dropped "
-                f"first when over it.")
+                f"first when over it; {self.dtype_text()}.")
+
+    def dtype_text(self) -> str:
+        from .llm import serving_dtype
+
+        answered = serving_dtype("auto", "cpu", self.pool.dtype)
+        if self.pool.dtype == "auto":
+            where = "bfloat16 on this CPU (native bf16)" if answered == "bfloat16" else "float32 on this CPU"
+            return f"models answer in {where}, or in bf16/fp16 on a GPU, unless a run's config names its dtype"
+        return f"models answer in {self.pool.dtype}"
 
 
 # ---------------------------------------------------------------- several runs: watch, summarise, compare, export

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .assets import smollm2_dir
-from .config import LLMSpec, PeftSpec
+from .config import LLM_DTYPES, LLMSpec, PeftSpec
 from .errors import ConfigError, UnknownComponentError, WorkbenchError
 from .hub import hub_kwargs, looks_like_hub_id
 from .registry import Registry
@@ -155,6 +155,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def serving_dtype(configured: str, device: torch.device | str, requested: str = "auto") -> str:
+    """The LLM dtype a model answers in (chat, the API server): `requested` unless "auto"; with "auto", the
+    run's configured `llm.dtype` unless that is "auto" too; then bfloat16 where the hardware computes it natively
+    (a CUDA GPU from Ampere on, a CPU with AVX512-BF16 or AMX; on such a CPU the run also trained its matmuls in
+    bf16 autocast), else what "auto" loads there. Generating is compute-bound once a class's questions are
+    batched, where bf16 matmuls are what pay."""
+    if requested not in LLM_DTYPES:
+        raise ConfigError(f"The serving dtype must be one of {', '.join(LLM_DTYPES)}, not '{requested}'")
+    if requested != "auto":
+        return requested
+    if configured != "auto":
+        return configured
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "bfloat16" if cpu_has_fast_bf16() else "auto"
+    return "auto"  # a GPU: resolve_dtype's auto is its native bf16 already (fp16 on older ones)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -93,8 +93,12 @@ class VisionLanguageModel(nn.Module):
         return model.set_trainable(llm=not config.llm.frozen, peft=True)  # base as configured, adapter trains
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, base=None):
-        """Load a directory written by `save_pretrained`: rebuild from config, then load the trained parts."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, base=None,
+                        dtype: str | None = None):
+        """Load a directory written by `save_pretrained`: rebuild from config, then load the trained parts.
+
+        `dtype`: the LLM's dtype for answering (`llm.serving_dtype`) instead of the saved config's; trained
+        parts are cast to it as they load, the integrator keeps fp32 weights."""
         path = Path(path)
         if not (path / "config.yaml").is_file():
             raise ConfigError(f"{path} is not a saved workbench model (no config.yaml)")
@@ -102,7 +106,10 @@ class VisionLanguageModel(nn.Module):
         if manifest.get("format", FORMAT_NAME) != FORMAT_NAME or manifest.get("version", 1) > FORMAT_VERSION:
             raise ConfigError(f"{path} holds format {manifest.get('format')} v{manifest.get('version')}, "
                               f"which this workbench cannot read")
-        model = cls.from_config(_resolve_inside(load_model_config(path / "config.yaml"), path), device=device, base=base)
+        config = _resolve_inside(load_model_config(path / "config.yaml"), path)
+        if dtype is not None:
+            config.llm.dtype = dtype
+        model = cls.from_config(config, device=device, base=base)
         model.load_trained_parts(path)
         model.set_trainable(encoder=not model.config.encoder.frozen, llm=not model.config.llm.frozen)
         return model

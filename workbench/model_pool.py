@@ -22,6 +22,9 @@ loading its saved tensors would leave empty.
 the free GPU memory or RAM, or $WORKBENCH_MODEL_MEMORY): a run's cost is its own tensors, a base's cost its
 tensors once; when over the budget the least recently used runs are dropped first, and a base goes when no
 loaded run uses it.
+
+Models answer in `dtype` (`llm.serving_dtype`): by default bf16 where the hardware computes it natively, as
+servers for LLMs do (vLLM's `--dtype auto`: the checkpoint's bf16); the dtype is part of the base's key.
 """
 from __future__ import annotations
 
@@ -155,8 +158,13 @@ class _Loaded:
 class ModelPool:
     """Loaded runs by key, least recently used first out, their frozen bases shared; see the module docstring."""
 
-    def __init__(self, budget_bytes: int | str | None = None):
+    def __init__(self, budget_bytes: int | str | None = None, dtype: str = "auto"):
+        from .llm import serving_dtype
+
+        serving_dtype("auto", "cpu", dtype)  # refuse an unknown dtype now, not at the first chat
         self.budget = parse_bytes(budget_bytes) if budget_bytes is not None else default_budget()
+        self.dtype = dtype
+        """The LLM dtype models answer in (`llm.serving_dtype`): "auto" = bf16 where the hardware computes it."""
         self._runs: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._bases: dict[str, SharedBase] = {}
         self._lock = threading.RLock()
@@ -165,8 +173,11 @@ class ModelPool:
 
     def get(self, key: str, config, folder: Path | None = None, stamp: str = ""):
         """The model for `key` (a run's saved folder, or the default config), loaded once and shared."""
+        from .llm import resolve_device, serving_dtype
         from .model import VisionLanguageModel
 
+        config = copy.deepcopy(config)
+        config.llm.dtype = serving_dtype(config.llm.dtype, resolve_device(config.llm.device), self.dtype)
         with self._lock:
             entry = self._runs.get(key)
             if entry is not None and entry.stamp == stamp:
@@ -182,7 +193,8 @@ class ModelPool:
                 base = self._bases.get(bkey)
                 if base is None:
                     base = self._bases[bkey] = SharedBase(config)
-            model = VisionLanguageModel.from_pretrained(folder, base=base) if folder is not None else \
+            model = VisionLanguageModel.from_pretrained(folder, base=base, dtype=config.llm.dtype) \
+                if folder is not None else \
                 VisionLanguageModel.from_config(config, base=base)
             model.eval()
             model.load_seconds = time.time() - started

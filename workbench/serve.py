@@ -450,24 +450,30 @@ def start_server(app, host: str = "127.0.0.1", port: int | None = None, api_key:
     return RunningServer(server, thread, host, port)
 
 
-def load_served_model(source: str | Path, registry=None, device: str | None = None, which: str = "model"):
-    """(model, name) for a run id, run folder or saved model folder."""
+def load_served_model(source: str | Path, registry=None, device: str | None = None, which: str = "model",
+                      dtype: str = "auto"):
+    """(model, name) for a run id, run folder or saved model folder, its LLM in `dtype` (`llm.serving_dtype`)."""
+    from .config import load_model_config
     from .export import resolve_source
+    from .llm import resolve_device, serving_dtype
     from .model import VisionLanguageModel
 
     run_dir, model_dir = resolve_source(source, registry, which)
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device).eval()
+    saved = load_model_config(Path(model_dir) / "config.yaml").llm
+    chosen = serving_dtype(saved.dtype, resolve_device(str(device) if device else saved.device), dtype)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, dtype=chosen).eval()
     return model, (run_dir or model_dir).name
 
 
 def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          registry=None, device: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+          registry=None, device: str | None = None, on_ready: Callable[[str], None] | None = None,
+          dtype: str = "auto") -> None:
     """Serve a trained model until interrupted (what `workbench serve` runs)."""
     import uvicorn
 
     settings = settings or ServeSettings()
     check_exposure(host, settings.api_key)  # before spending time on loading the model
-    model, name = load_served_model(source, registry, device)
+    model, name = load_served_model(source, registry, device, dtype=dtype)
     if settings.name == ServeSettings.name:
         settings.name = name
     app = create_app(model, settings)
