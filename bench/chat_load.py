@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from workbench.app_process import running_app  # noqa: E402
+from workbench.config import LLM_DTYPES  # noqa: E402
+from workbench.llm import serving_dtype  # noqa: E402
 
 IMAGE = C.REPO / "examples" / "images" / "red_circle.png"
 QUESTION = "What color is the shape?"
@@ -123,15 +125,14 @@ def make_runs(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def model_ceiling(users: int, tokens: int) -> tuple[float, float, float]:
+def model_ceiling(users: int, tokens: int, dtype: str) -> tuple[float, float, float]:
     """The same request straight through `model.generate` in this process (no app, no HTTP, no streaming):
     `users` of them one at a time, then as one batch — the most batching can give on this machine — and the
     bytes of one unshared copy of the model (what each run would cost without the shared base)."""
     from workbench.config import ModelConfig
-    from workbench.model import VisionLanguageModel
-    from workbench.model_pool import tensor_bytes
+    from workbench.model_pool import ModelPool, tensor_bytes
 
-    model = VisionLanguageModel.from_config(ModelConfig())
+    model = ModelPool(dtype=dtype).get("default", ModelConfig())  # as the app loads it (its serving dtype)
     messages = [{"role": "user", "content": f"{model.config.image_token}\n{QUESTION}"}]
     model.generate([messages], [[IMAGE]], max_new_tokens=tokens)  # warm-up
     t0 = C.now()
@@ -159,6 +160,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=4, help="extra runs sharing the default's base (part 2)")
     parser.add_argument("--repeat", type=int, default=3, help="one-at-a-time / at-once pairs (part 1)")
+    parser.add_argument("--dtype", default="auto", choices=LLM_DTYPES,
+                        help="the app's serving dtype (--dtype float32: as before bf16 serving, to compare)")
     args = parser.parse_args()
     user_counts, tokens, n_runs = ([3], 8, 2) if args.quick else (args.users, args.tokens, args.runs)
     repeat = 1 if args.quick else max(1, args.repeat)
@@ -168,10 +171,13 @@ def main() -> int:
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = make_runs(Path(tmp) / "saved", n_runs)
-        with running_app(Path(tmp) / "runs", log_path=Path(tmp) / "app.log") as url:  # stopped after the block
+        with running_app(Path(tmp) / "runs", log_path=Path(tmp) / "app.log",
+                         env={"WORKBENCH_SERVE_DTYPE": args.dtype}) as url:  # stopped after the block
             clients = make_clients(url, max(user_counts + [sequential_users]))
             ask(clients[0], 2)  # warm-up: loads the default model once
             single, _ = ask(clients[0], tokens)
+            rows.append(["models answer in (the app's serving dtype)", serving_dtype("auto", "cpu", args.dtype)
+                         .replace("auto", "float32")])
             rows.append(["one request alone (s)", f"{single:.2f}"])
             # part 1: one model, users one at a time vs at once, in pairs (this machine's speed drifts between
             # minutes: each pair is measured back to back and the median pair ratio is the result)
@@ -211,7 +217,7 @@ def main() -> int:
             wall, results = at_once(clients[:spread], tokens, ["default", *runs])
             answered_all = answered_all and all(t for _, t in results)
             rows += latency_rows(f"{spread} users over {n_runs + 1} runs", spread, wall, results)
-    alone, together, copy_mb = model_ceiling(sequential_users, tokens)
+    alone, together, copy_mb = model_ceiling(sequential_users, tokens, args.dtype)
     rows += [[f"model alone, {sequential_users} one at a time: wall (s)", f"{alone:.2f}"],
              [f"model alone, {sequential_users} as one batch: wall (s)", f"{together:.2f}"],
              ["model alone: batching speedup (the ceiling here)", f"{alone / together:.2f}"],
@@ -220,7 +226,7 @@ def main() -> int:
     headers = ["measure", "value"]
     print(C.text_table(headers, rows))
     passed = speedup >= 4 and answered_all
-    if not args.quick:
+    if not args.quick and args.dtype == "auto":  # a comparison run (--dtype) prints its table only
         body = "\n".join([
             "## chat_load — a class chatting at once through the app's HTTP API",
             "",
@@ -230,7 +236,9 @@ def main() -> int:
             f"and sends the Chat tab's request (`examples/images/red_circle.png`, {tokens} new tokens, greedy). "
             f"Part 1, the embedded default model: {sequential_users} users one after another, then "
             f"{' and '.join(map(str, user_counts))} users at once — the app batches concurrent answers into one "
-            f"generate call and streams each user's tokens. Part 2: {n_runs} runs saved from the embedded default "
+            f"generate call and streams each user's tokens; models answer in the app's serving dtype (auto: bf16 on "
+            "a CPU that computes it natively, `--dtype float32` for comparison). "
+            f"Part 2: {n_runs} runs saved from the embedded default "
             "(random integrators of different families: same frozen encoder and LLM) loaded into the same app: "
             "the time loading adds to a run's first answer, the app's resident memory with the default alone and "
             "with every run loaded (they share the base, so each adds only its integrator; resident memory moves "
