@@ -134,3 +134,14 @@ def test_the_serving_dtype_is_bf16_where_the_hardware_computes_it(monkeypatch):
     assert llm.serving_dtype("auto", "cuda:0") == "auto"  # resolve_dtype's GPU rule: native bf16, else fp16
     monkeypatch.setattr(llm, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 is slower than fp32
     assert llm.serving_dtype("auto", "cpu") == "auto" and llm.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_the_app_cache_loads_runs_in_its_serving_dtype_and_says_so(runs):
+    from workbench.frontend import ModelCache
+
+    cache = ModelCache(dtype="bfloat16")
+    try:
+        model = cache.get(str(runs["prefix"]))
+        assert model.dtype == torch.bfloat16 and "models answer in bfloat16" in cache.bounds()
+    finally:
+        cache.batcher.close()

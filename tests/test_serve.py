@@ -245,3 +245,15 @@ def test_workbench_serve_from_the_command_line(model, url, tmp_path, monkeypatch
         assert answer.usage.completion_tokens <= 3
         with pytest.raises(openai.BadRequestError, match="between 1 and 4"):
             client.chat.completions.create(model="cli-tiny", messages=_messages(url), max_tokens=5)
+
+
+def test_the_served_model_answers_in_the_chosen_dtype(model, tmp_path, monkeypatch):
+    import torch
+
+    from workbench import llm
+    from workbench.serve import load_served_model
+
+    folder = model.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(llm, "cpu_has_fast_bf16", lambda: True)
+    assert load_served_model(folder)[0].dtype == torch.bfloat16  # auto: bf16 where the CPU computes it
+    assert load_served_model(folder, dtype="float32")[0].dtype == torch.float32
