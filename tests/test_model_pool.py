@@ -1,6 +1,8 @@
 """Many runs, one base (workbench.model_pool): runs that keep the same encoder and LLM frozen share those tensors in
 memory, each answers exactly as when loaded alone, and a memory budget drops the least recently used run first."""
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -145,3 +147,48 @@ def test_the_app_cache_loads_runs_in_its_serving_dtype_and_says_so(runs):
         assert model.dtype == torch.bfloat16 and "models answer in bfloat16" in cache.bounds()
     finally:
         cache.batcher.close()
+
+
+def test_runs_on_one_base_answer_together_in_one_batch(runs, example_image, tmp_path):
+    from PIL import Image
+
+    from workbench.batching import GenerationBatcher, GenerationJob
+    from workbench.model import generate_together
+
+    pool = ModelPool(budget_bytes="64GB", dtype="float32")
+    prefix, other, inllm = load(pool, runs["prefix"]), load(pool, runs["other"]), load(pool, runs["in-llm+lora"])
+    assert prefix.llm_batch_key() == other.llm_batch_key()  # two prefix runs: the same LLM computation
+    assert inllm.llm_batch_key() != prefix.llm_batch_key()  # LoRA and modules inside the LLM: its own
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    rows = [(prefix, example_image), (other, blue), (prefix, blue), (other, example_image)]
+    together = generate_together([m for m, _ in rows], [QUESTION] * 4, [[im] for _, im in rows], max_new_tokens=6)
+    assert together == [m.generate(QUESTION, [im], max_new_tokens=6) for m, im in rows]
+    with pytest.raises(ConfigError, match="separately"):
+        generate_together([prefix, inllm], [QUESTION] * 2, [[example_image]] * 2)
+
+    lock = threading.Lock()
+    batcher = GenerationBatcher(None, max_batch=8, batch_window=0.0, lock=lock)
+    answers: dict[str, str] = {}
+
+    def job(name, model, image):
+        return GenerationJob(list(QUESTION), [image], 6, model=model,
+                             sink=lambda kind, value: answers.__setitem__(name, value["text"]) if kind == "done" else None)
+    try:
+        with lock:  # the first job holds the worker at the lock; the next two wait, then leave as one batch
+            batcher.submit(job("first", prefix, example_image))
+            wait_until(lambda: batcher.generating == 1)
+            batcher.submit(job("prefix", prefix, example_image))
+            batcher.submit(job("other", other, blue))
+        wait_until(lambda: len(answers) == 3)
+        assert batcher.batches == [1, 2]
+        assert [answers["prefix"], answers["other"]] == together[:2]
+    finally:
+        batcher.close()
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)

@@ -5,8 +5,9 @@ batcher=)`), so both front ends schedule the same way.
 
 One worker thread owns generation. It takes the oldest waiting request (first come, first served across
 sampling settings and models: a request is never starved by a stream of others that batch together), gathers
-up to `max_batch - 1` more waiting that can share its batch — the same model and the same sampling settings —
-and generates them as one left-padded batch. A batch stays open while matching requests keep arriving, each
+up to `max_batch - 1` more waiting that can share its batch — the same sampling settings, and the same model or
+another run on the same shared LLM (`VisionLanguageModel.llm_batch_key`: each row's visual tokens from its own
+run, one generate of the shared LLM) — and generates them as one left-padded batch. A batch stays open while matching requests keep arriving, each
 within `batch_window` seconds of the last, for at most `max_wait` seconds in all: a class pressing Send together
 arrives spread over its uploads, and a batch that left with the first few would make the rest wait for it to
 finish; a lone user waits `batch_window` at most. Each request's inputs
@@ -49,11 +50,14 @@ class GenerationJob:
     "text"}) or ("error", exception)."""
     cancelled: bool = False
     model: Any = None
-    """The model that answers (None: the batcher's own). Jobs batch together only with jobs of the same model."""
+    """The model that answers (None: the batcher's own). Jobs batch together only with jobs of models that run
+    the same LLM computation (the same model, or runs on one shared base: `llm_batch_key`)."""
+    group: Any = None
+    """Set by the batcher on submit: the model's `llm_batch_key` (or its identity)."""
 
     @property
     def key(self) -> tuple:
-        return (id(self.model), round(self.temperature, 6), round(self.top_p, 6))
+        return (self.group, round(self.temperature, 6), round(self.top_p, 6))
 
 
 class ServerBusy(WorkbenchError):
@@ -164,6 +168,8 @@ class GenerationBatcher:
         """Queue a job (first come, first served); ServerBusy when `max_queue` jobs wait already."""
         if job.model is None and self.model is None:
             raise ConfigError("This batcher has no model of its own: the job must name its model")
+        model = self._model(job)
+        job.group = model.llm_batch_key() if hasattr(model, "llm_batch_key") else ("model", id(model))
         with self._cond:
             if self._closed:
                 raise ServerBusy("The server is shutting down")
@@ -244,7 +250,10 @@ class GenerationBatcher:
         return True
 
     def _generate(self, jobs: list[GenerationJob]) -> None:
-        model = self._model(jobs[0])
+        from .model import generate_together
+
+        models = [self._model(j) for j in jobs]
+        model = models[0]
         eos = model.llm.generation_config.eos_token_id or model.tokenizer.eos_token_id
         streamer = _RowStreamer(jobs, model.tokenizer, eos)
         log.info("answering %d request(s) together, %d waiting", len(jobs), len(self._waiting))
@@ -255,9 +264,9 @@ class GenerationBatcher:
         started = time.monotonic()
         try:
             with self.lock:
-                model.generate([j.messages for j in jobs], [j.images for j in jobs],
-                               max_new_tokens=max(j.max_tokens for j in jobs), temperature=jobs[0].temperature,
-                               top_p=jobs[0].top_p, streamer=streamer)
+                generate_together(models, [j.messages for j in jobs], [j.images for j in jobs],
+                                  max_new_tokens=max(j.max_tokens for j in jobs), temperature=jobs[0].temperature,
+                                  top_p=jobs[0].top_p, streamer=streamer)
         except _BatchDone:
             pass
         except Exception as e:  # noqa: BLE001 -- every waiting client hears why, the worker goes on

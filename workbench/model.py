@@ -514,6 +514,18 @@ class VisionLanguageModel(nn.Module):
         texts = [t.strip() for t in texts]
         return texts[0] if single else texts
 
+    def llm_batch_key(self) -> tuple:
+        """Models with equal keys run the very same LLM computation: the same tensors (runs on a shared base,
+        `model_pool`) and nothing of their own inside the LLM (no PEFT modules, no in-LLM integrator modules,
+        no hooks). Their rows can be generated in one batch (`generate_together`); any other model's key is
+        its own."""
+        llm = self.llm
+        own_inside = is_peft_model(llm) or self.integrator.llm_parameters() or any(
+            m._forward_hooks or m._forward_pre_hooks for m in llm.modules())
+        if own_inside:
+            return ("model", id(self))
+        return ("llm", hash(tuple(t.data_ptr() for t in llm.parameters())), str(self.dtype), str(self.device))
+
     def stream(self, messages: Conversation, images: Sequence[ImageSource] = (), **generation) -> Iterator[str]:
         """Yield the answer's text as it is generated (a background thread runs `generate`)."""
         from transformers import TextIteratorStreamer
@@ -539,6 +551,48 @@ class VisionLanguageModel(nn.Module):
         thread.join()
         if errors:
             raise errors[0]
+
+
+@torch.inference_mode()
+def generate_together(models: Sequence[VisionLanguageModel], conversations: Sequence[Conversation],
+                      images: Sequence[Sequence[ImageSource]], max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_p: float = 1.0, streamer=None, **extra) -> list[str]:
+    """Generate row i with `models[i]` — several runs on one shared LLM (equal `llm_batch_key`s) in one batch.
+
+    Each row's prompt and visual tokens come from its own model (its integrator, its system prompt); the
+    shared LLM then generates every row at once, so a class chatting with different runs of one base is
+    answered together. Rows of one model alone go through `model.generate`."""
+    lead = models[0]
+    if all(m is lead for m in models):
+        return lead.generate(list(conversations), [list(x) for x in images], max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, streamer=streamer, **extra)
+    if len({m.llm_batch_key() for m in models}) != 1:
+        raise ConfigError("These models do not share one LLM computation: generate them separately")
+    rows: dict[int, torch.Tensor] = {}
+    for model in {id(m): m for m in models}.values():
+        mine = [i for i, m in enumerate(models) if m is model]
+        was_training = model.training
+        model.eval()
+        try:
+            inputs, _, _ = model._generation_inputs([conversations[i] for i in mine], [list(images[i]) for i in mine])
+        finally:
+            model.train(was_training)
+        for j, i in enumerate(mine):
+            rows[i] = inputs.inputs_embeds[j][inputs.attention_mask[j].bool()]
+    width = max(r.shape[0] for r in rows.values())
+    embeds = rows[0].new_zeros(len(models), width, rows[0].shape[-1])
+    mask = torch.zeros(len(models), width, dtype=torch.long, device=embeds.device)
+    for i, row in rows.items():  # left-padded, as generation needs
+        embeds[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    was_training = lead.llm.training
+    lead.llm.eval()
+    try:
+        out = peft_generate(lead.llm, embeds, mask, streamer=streamer,
+                            **lead._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+    finally:
+        lead.llm.train(was_training)
+    return [t.strip() for t in lead.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def _checkpointed_layers_train(llm: nn.Module) -> None:
