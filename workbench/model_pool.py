@@ -13,8 +13,9 @@ Why own module trees rather than peft's multi-adapter model: peft keeps several 
 LoRA, not a run without PEFT beside one with it, and not the workbench's integrators, which are most of what a
 run trains (prefix projectors make each run's visual tokens; in-LLM families hook the LLM's layers). A module
 tree per run over shared tensors works the same for every integrator family and PEFT method, keeps each run's
-hooks and adapters on its own tree, and costs only Python objects. The price: rows of different runs are not
-generated in one batch (the batcher batches per model). Built for real (not on the meta device), each run's
+hooks and adapters on its own tree, and costs only Python objects. Rows of runs that put nothing of their own
+inside the LLM (prefix integrators, no PEFT) still generate in one batch: their LLM computation is the same
+(`VisionLanguageModel.llm_batch_key`, `generate_together`); runs with adapters or in-LLM modules batch per run. Built for real (not on the meta device), each run's
 own modules also get their non-persistent buffers initialised as usual, which a meta build followed by
 loading its saved tensors would leave empty.
 
