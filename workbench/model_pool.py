@@ -9,15 +9,15 @@ integrator, PEFT adapters, in-LLM modules.
 
 Why own module trees rather than peft's multi-adapter model: peft keeps several adapters on one base model
 (`load_adapter` / `set_adapter`, and for LoRA-like methods even a different adapter per row of one batch through
-`adapter_names`), but only adapters of peft's own kinds inside one PeftModel: not prompt/prefix tuning beside
-LoRA, not a run without PEFT beside one with it, and not the workbench's integrators, which are most of what a
-run trains (prefix projectors make each run's visual tokens; in-LLM families hook the LLM's layers). A module
-tree per run over shared tensors works the same for every integrator family and PEFT method, keeps each run's
-hooks and adapters on its own tree, and costs only Python objects. Rows of runs that put nothing of their own
-inside the LLM (prefix integrators, no PEFT) still generate in one batch: their LLM computation is the same
-(`VisionLanguageModel.llm_batch_key`, `generate_together`); runs with adapters or in-LLM modules batch per run. Built for real (not on the meta device), each run's
-own modules also get their non-persistent buffers initialised as usual, which a meta build followed by
-loading its saved tensors would leave empty.
+`adapter_names`), but only adapters of peft's own kinds inside one PeftModel: not prompt/prefix tuning beside LoRA,
+not a run without PEFT beside one with it, and not the workbench's integrators, which are most of what a run trains
+(prefix projectors make each run's visual tokens; in-LLM families hook the LLM's layers). A module tree per run over
+shared tensors works the same for every integrator family and PEFT method, keeps each run's hooks and adapters on
+its own tree, and costs only Python objects. Rows of runs that put nothing of their own inside the LLM (prefix
+integrators, no PEFT) still generate in one batch: their LLM computation is the same
+(`VisionLanguageModel.llm_batch_key`, `generate_together`); runs with adapters or in-LLM modules batch per run.
+Built for real (not on the meta device), each run's own modules also get their non-persistent buffers initialised as
+usual, which a meta build followed by loading its saved tensors would leave empty.
 
 `ModelPool` keeps loaded runs in least-recently-used order within a byte budget (`default_budget`: a share of
 the free GPU memory or RAM, or $WORKBENCH_MODEL_MEMORY): a run's cost is its own tensors, a base's cost its
