@@ -5,15 +5,15 @@ batcher=)`), so both front ends schedule the same way.
 
 One worker thread owns generation. It takes the oldest waiting request (first come, first served across sampling
 settings and models: a request is never starved by a stream of others that batch together), gathers up to
-`max_batch - 1` more waiting that can share its batch — the same sampling settings, and the same model or another run on the
-same shared LLM (`VisionLanguageModel.llm_batch_key`: each row's visual tokens from its own run, one generate of the
-shared LLM) — and generates them as one left-padded batch. A batch stays open while matching requests keep arriving,
-each within `batch_window` seconds of the last, for at most `max_wait` seconds in all: a class pressing Send
-together arrives spread over its uploads, and a batch that left with the first few would make the rest wait for it
-to finish; a lone user waits `batch_window` at most. Each request's inputs are prepared on their own first (images
-loaded and checked, the conversation encoded), so a bad image fails only its own request with a one-line error; a
-batch that still fails before its first token is retried one request at a time, so one bad row never takes the
-others down.
+`max_batch - 1` more waiting that can share its batch — the same sampling settings, and the same model or another
+run on the same shared LLM (`VisionLanguageModel.llm_batch_key`: each row's visual tokens from its own run, one
+generate of the shared LLM) — and generates them as one left-padded batch. A batch stays open while matching
+requests keep arriving, each within `batch_window` seconds of the last, for at most `max_wait` seconds in all: a
+class pressing Send together arrives spread over its uploads, and a batch that left with the first few would make
+the rest wait for it to finish; a lone user waits `batch_window` at most. Each request's inputs are prepared on
+their own first (images loaded and checked, the conversation encoded), so a bad image fails only its own request
+with a one-line error; a batch that still fails before its first token is retried one request at a time, so one bad
+row never takes the others down.
 
 Bounds: at most `max_batch` rows generate at once and at most `max_queue` requests wait (beyond that
 `submit` raises `ServerBusy`, never an unbounded backlog). A request whose client leaves is `cancel`led: while
