@@ -177,8 +177,6 @@ class ModelPool:
         from .llm import resolve_device, serving_dtype
         from .model import VisionLanguageModel
 
-        config = copy.deepcopy(config)
-        config.llm.dtype = serving_dtype(config.llm.dtype, resolve_device(config.llm.device), self.dtype)
         with self._lock:
             entry = self._runs.get(key)
             if entry is not None and entry.stamp == stamp:
@@ -188,6 +186,8 @@ class ModelPool:
             if entry is not None:  # saved again since (a run still training): the new weights
                 self._drop(key)
             started = time.time()
+            config = copy.deepcopy(config)
+            config.llm.dtype = serving_dtype(config.llm.dtype, resolve_device(config.llm.device), self.dtype)
             base = None
             if any(sharing(config)):
                 bkey = base_key(config)
