@@ -80,18 +80,10 @@ class Student:
         return C.now() - t0, text.strip()
 
 
-def make_clients(url: str, n: int) -> list[Student]:
-    return [Student(url) for _ in range(n)]
-
-
-def ask(client: Student, tokens: int, source: str = "default") -> tuple[float, str]:
-    return client.ask(tokens, source)
-
-
 def at_once(clients: list, tokens: int, sources: list[str]) -> tuple[float, list[tuple[float, str]]]:
     t0 = C.now()
     with ThreadPoolExecutor(len(clients)) as pool:
-        results = list(pool.map(lambda i: ask(clients[i], tokens, sources[i % len(sources)]), range(len(clients))))
+        results = list(pool.map(lambda i: clients[i].ask(tokens, sources[i % len(sources)]), range(len(clients))))
     return C.now() - t0, results
 
 
@@ -173,9 +165,9 @@ def main() -> int:
         runs = make_runs(Path(tmp) / "saved", n_runs)
         with running_app(Path(tmp) / "runs", log_path=Path(tmp) / "app.log",
                          env={"WORKBENCH_SERVE_DTYPE": args.dtype}) as url:  # stopped after the block
-            clients = make_clients(url, max(user_counts + [sequential_users]))
-            ask(clients[0], 2)  # warm-up: loads the default model once
-            single, _ = ask(clients[0], tokens)
+            clients = [Student(url) for _ in range(max(user_counts + [sequential_users]))]
+            clients[0].ask(2)  # warm-up: loads the default model once
+            single, _ = clients[0].ask(tokens)
             rows.append(["models answer in (the app's serving dtype)", serving_dtype("auto", "cpu", args.dtype)
                          .replace("auto", "float32")])
             rows.append(["one request alone (s)", f"{single:.2f}"])
@@ -184,7 +176,7 @@ def main() -> int:
             ratios, walls, answered_all = [], {}, True
             for _ in range(repeat):
                 t0 = C.now()
-                sequential = [ask(clients[i], tokens) for i in range(sequential_users)]
+                sequential = [clients[i].ask(tokens) for i in range(sequential_users)]
                 sequential_wall = C.now() - t0
                 wall, results = at_once(clients[:sequential_users], tokens, ["default"])
                 ratios.append((sequential_wall / wall, sequential_wall, wall, results))
@@ -204,8 +196,8 @@ def main() -> int:
             rss_one = app_rss_mb()
             loads = []
             for path in runs:
-                first, _ = ask(clients[0], tokens, path)
-                again, _ = ask(clients[0], tokens, path)
+                first, _ = clients[0].ask(tokens, path)
+                again, _ = clients[0].ask(tokens, path)
                 loads.append(first - again)  # what loading the run added to its first answer
             rss_all = app_rss_mb()
             rows += [["extra runs sharing the base", str(n_runs)],

@@ -369,10 +369,10 @@ def cmd_serve(args) -> int:
                              max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
     if args.name:
         settings.name = args.name
+    ready = lambda url: print(f"serving {settings.name} on {url} (OpenAI-compatible"  # noqa: E731
+                              f"{', API key required' if api_key else ''}); Ctrl-C stops", flush=True)
     serve(args.run, args.host, args.port, settings, registry=_registry(args.runs) if args.runs else None,
-          device=args.device, dtype=args.dtype, on_ready=lambda url: print(f"serving {settings.name} on {url} (OpenAI-compatible"
-                                                         f"{', API key required' if api_key else ''}); Ctrl-C stops",
-                                                         flush=True))
+          device=args.device, dtype=args.dtype, on_ready=ready)
     return 0
 
 

@@ -502,17 +502,21 @@ class VisionLanguageModel(nn.Module):
             inputs, features, image_to_sample = self._generation_inputs(conversations, image_lists)
             self.integrator.set_visual_context(features, image_to_sample)
             try:
-                out = peft_generate(self.llm, inputs.inputs_embeds, inputs.attention_mask,  # = llm.generate without PEFT
-                                    streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p,
-                                                                                 **extra))
+                texts = self._generate_from(inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
+                                            temperature, top_p, streamer, **extra)
             finally:
                 self.integrator.set_visual_context(None, None)
         finally:
             if was_training:
                 self.train()
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
         return texts[0] if single else texts
+
+    def _generate_from(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
+                       top_p: float, streamer=None, **extra) -> list[str]:
+        """The LLM generates from spliced, left-padded inputs (`peft_generate` = llm.generate without PEFT)."""
+        out = peft_generate(self.llm, embeds, mask, streamer=streamer,
+                            **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def llm_batch_key(self) -> tuple:
         """Models with equal keys run the very same LLM computation: the same tensors (runs on a shared base,
@@ -568,31 +572,26 @@ def generate_together(models: Sequence[VisionLanguageModel], conversations: Sequ
                              temperature=temperature, top_p=top_p, streamer=streamer, **extra)
     if len({m.llm_batch_key() for m in models}) != 1:
         raise ConfigError("These models do not share one LLM computation: generate them separately")
+    distinct = list({id(m): m for m in models}.values())
+    was_training = [m.training for m in distinct]
     rows: dict[int, torch.Tensor] = {}
-    for model in {id(m): m for m in models}.values():
-        mine = [i for i, m in enumerate(models) if m is model]
-        was_training = model.training
-        model.eval()
-        try:
-            inputs, _, _ = model._generation_inputs([conversations[i] for i in mine], [list(images[i]) for i in mine])
-        finally:
-            model.train(was_training)
-        for j, i in enumerate(mine):
-            rows[i] = inputs.inputs_embeds[j][inputs.attention_mask[j].bool()]
-    width = max(r.shape[0] for r in rows.values())
-    embeds = rows[0].new_zeros(len(models), width, rows[0].shape[-1])
-    mask = torch.zeros(len(models), width, dtype=torch.long, device=embeds.device)
-    for i, row in rows.items():  # left-padded, as generation needs
-        embeds[i, width - row.shape[0]:] = row
-        mask[i, width - row.shape[0]:] = 1
-    was_training = lead.llm.training
-    lead.llm.eval()
     try:
-        out = peft_generate(lead.llm, embeds, mask, streamer=streamer,
-                            **lead._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+        for model in distinct:
+            model.eval()
+            mine = [i for i, m in enumerate(models) if m is model]
+            inputs, _, _ = model._generation_inputs([conversations[i] for i in mine], [list(images[i]) for i in mine])
+            for j, i in enumerate(mine):
+                rows[i] = inputs.inputs_embeds[j][inputs.attention_mask[j].bool()]
+        width = max(r.shape[0] for r in rows.values())
+        embeds = rows[0].new_zeros(len(models), width, rows[0].shape[-1])
+        mask = torch.zeros(len(models), width, dtype=torch.long, device=embeds.device)
+        for i, row in rows.items():  # left-padded, as generation needs
+            embeds[i, width - row.shape[0]:] = row
+            mask[i, width - row.shape[0]:] = 1
+        return lead._generate_from(embeds, mask, max_new_tokens, temperature, top_p, streamer, **extra)
     finally:
-        lead.llm.train(was_training)
-    return [t.strip() for t in lead.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        for model, training in zip(distinct, was_training):
+            model.train(training)
 
 
 def _checkpointed_layers_train(llm: nn.Module) -> None:
