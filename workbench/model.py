@@ -31,6 +31,7 @@ from .llm import load_llm, resolve_device
 from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
 from .peft_modules import generate as peft_generate
 from .peft_modules import peft_parameters, save_peft, virtual_tokens
+from .visual_entry import hidden_norm_at, resolve_entry_layer, span_mask, visual_entry, with_placeholders
 
 FORMAT_NAME = "workbench-vlm"
 FORMAT_VERSION = 1
@@ -58,6 +59,8 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.formatter = PromptFormatter(tokenizer, config.image_token, config.system_prompt)
         self.gradient_checkpointing = False
+        self.entry_layer = _entry_layer(config, integrator, llm)
+        """Decoder layer where visual tokens enter the LLM (`model.visual_entry_layer`, resolved; 0 = embeddings)."""
         integrator.attach(base_llm(llm))  # in-LLM modules go into the transformers model, under any PEFT wrapper
 
     # ------------------------------------------------------------------ construction
@@ -84,7 +87,7 @@ class VisionLanguageModel(nn.Module):
         context = IntegratorContext(
             vision_dim=encoder.feature_dim, num_input_tokens=encoder.num_tokens, grid=encoder.grid,
             has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
-            text_embedding_norm=_text_embedding_norm(llm),
+            text_embedding_norm=_text_scale(config, llm, tokenizer),
         )
         integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
         if config.peft.method == "none":
@@ -411,21 +414,22 @@ class VisionLanguageModel(nn.Module):
         if embeds_require_grad and not inputs.inputs_embeds.requires_grad:  # keep a graph back to the features
             inputs.inputs_embeds = inputs.inputs_embeds.detach().requires_grad_(True)
         n = virtual_tokens(self.llm)
+        slots = self.visual_slots(inputs)
         keep = None
         if answer_logits_only and inputs.labels is not None and not n:
             targets = inputs.labels[:, 1:]
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # positions predicting answers
             llm_kwargs["logits_to_keep"] = keep
-        embeds, layers = inputs.inputs_embeds, contextlib.nullcontext()
+        embeds, layers = with_placeholders(inputs.inputs_embeds, slots), contextlib.nullcontext()
         if text_states is not None:  # start at the cut with the cached states of the frozen text-only layers
             ids = batch["input_ids"]
-            rows = [r[batch["attention_mask"][b].bool()] for b, r in enumerate(ids)]
-            rows = [r[r != IMAGE_TOKEN_INDEX] for r in rows]
+            rows = [self.text_state_key(r[batch["attention_mask"][b].bool()]) for b, r in enumerate(ids)]
             embeds = text_states.lookup(self, rows).to(embeds.dtype)
             layers = text_states.upper_layers()
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
-            with layers:
+            # the entry hook first: it finds its layer by index in the full decoder, before the cache cuts it
+            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers:
                 out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
                                labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
@@ -436,6 +440,21 @@ class VisionLanguageModel(nn.Module):
         if n and getattr(out, "logits", None) is not None:  # prompt tuning: logits of the prepended virtual tokens are dropped
             out.logits = out.logits[:, n:]
         return out, inputs
+
+    def visual_slots(self, inputs: MultimodalInputs) -> torch.Tensor | None:
+        """(B, L) bool marking the visual tokens' positions when they enter above the embeddings, else None."""
+        if not self.entry_layer:
+            return None
+        return span_mask(inputs.image_spans, inputs.inputs_embeds.shape[1], inputs.inputs_embeds.device)
+
+    def text_state_key(self, ids: torch.Tensor) -> torch.Tensor:
+        """A sample's unpadded ids as the text-state cache sees the sequence: an image placeholder is dropped
+        (its tokens enter inside the LLM, or not at all) or, with visual tokens entering above the embeddings,
+        stands for its slots (IMAGE_TOKEN_INDEX repeated; the cache embeds them as zeros)."""
+        if not self.entry_layer:
+            return ids[ids != IMAGE_TOKEN_INDEX]
+        counts = torch.where(ids == IMAGE_TOKEN_INDEX, self.num_visual_tokens, 1)
+        return ids.repeat_interleave(counts)
 
     def prepare_batch(self, conversations: Sequence[Conversation], images: Sequence[Sequence[ImageSource]],
                       add_generation_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -503,7 +522,7 @@ class VisionLanguageModel(nn.Module):
             self.integrator.set_visual_context(features, image_to_sample)
             try:
                 texts = self._generate_from(inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
-                                            temperature, top_p, streamer, **extra)
+                                            temperature, top_p, streamer, slots=self.visual_slots(inputs), **extra)
             finally:
                 self.integrator.set_visual_context(None, None)
         finally:
@@ -512,10 +531,12 @@ class VisionLanguageModel(nn.Module):
         return texts[0] if single else texts
 
     def _generate_from(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float,
-                       top_p: float, streamer=None, **extra) -> list[str]:
-        """The LLM generates from spliced, left-padded inputs (`peft_generate` = llm.generate without PEFT)."""
-        out = peft_generate(self.llm, embeds, mask, streamer=streamer,
-                            **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
+                       top_p: float, streamer=None, slots: torch.Tensor | None = None, **extra) -> list[str]:
+        """The LLM generates from spliced, left-padded inputs (`peft_generate` = llm.generate without PEFT);
+        `slots` marks visual tokens that enter above the embeddings."""
+        with visual_entry(self.llm, self.entry_layer, embeds, slots):
+            out = peft_generate(self.llm, with_placeholders(embeds, slots), mask, streamer=streamer,
+                                **self._generation_kwargs(max_new_tokens, temperature, top_p, **extra))
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def llm_batch_key(self) -> tuple:
@@ -528,7 +549,8 @@ class VisionLanguageModel(nn.Module):
             m._forward_hooks or m._forward_pre_hooks for m in llm.modules())
         if own_inside:
             return ("model", id(self))
-        return ("llm", hash(tuple(t.data_ptr() for t in llm.parameters())), str(self.dtype), str(self.device))
+        return ("llm", hash(tuple(t.data_ptr() for t in llm.parameters())), str(self.dtype), str(self.device),
+                self.entry_layer)
 
     def stream(self, messages: Conversation, images: Sequence[ImageSource] = (), **generation) -> Iterator[str]:
         """Yield the answer's text as it is generated (a background thread runs `generate`)."""
@@ -575,20 +597,26 @@ def generate_together(models: Sequence[VisionLanguageModel], conversations: Sequ
     distinct = list({id(m): m for m in models}.values())
     was_training = [m.training for m in distinct]
     rows: dict[int, torch.Tensor] = {}
+    slot_rows: dict[int, torch.Tensor] = {}
     try:
         for model in distinct:
             model.eval()
             mine = [i for i, m in enumerate(models) if m is model]
             inputs, _, _ = model._generation_inputs([conversations[i] for i in mine], [list(images[i]) for i in mine])
+            slots = span_mask(inputs.image_spans, inputs.inputs_embeds.shape[1], inputs.inputs_embeds.device)
             for j, i in enumerate(mine):
-                rows[i] = inputs.inputs_embeds[j][inputs.attention_mask[j].bool()]
+                keep = inputs.attention_mask[j].bool()
+                rows[i], slot_rows[i] = inputs.inputs_embeds[j][keep], slots[j][keep]
         width = max(r.shape[0] for r in rows.values())
         embeds = rows[0].new_zeros(len(models), width, rows[0].shape[-1])
         mask = torch.zeros(len(models), width, dtype=torch.long, device=embeds.device)
+        slots = torch.zeros(len(models), width, dtype=torch.bool, device=embeds.device)
         for i, row in rows.items():  # left-padded, as generation needs
             embeds[i, width - row.shape[0]:] = row
             mask[i, width - row.shape[0]:] = 1
-        return lead._generate_from(embeds, mask, max_new_tokens, temperature, top_p, streamer, **extra)
+            slots[i, width - row.shape[0]:] = slot_rows[i]
+        return lead._generate_from(embeds, mask, max_new_tokens, temperature, top_p, streamer,
+                                   slots=slots if lead.entry_layer else None, **extra)
     finally:
         for model, training in zip(distinct, was_training):
             model.train(training)
@@ -623,6 +651,34 @@ def _resolve_inside(config: ModelConfig, path: Path) -> ModelConfig:
         if isinstance(value, str) and value.startswith("./") and (path / value).exists():
             setattr(spec, attr, str((path / value).resolve()))
     return config
+
+
+def _entry_layer(config: ModelConfig, integrator: Integrator, llm: nn.Module) -> int:
+    """`model.visual_entry_layer` as a decoder-layer index, refused where visual tokens cannot enter there."""
+    if not config.visual_entry_layer:
+        return 0
+    from .integrators.llm_layers import decoder_layers
+
+    if not integrator.num_tokens:
+        raise ConfigError(f"model.visual_entry_layer applies to integrators that put visual tokens in the sequence; "
+                          f"'{config.integrator.name}' works inside the LLM (leave visual_entry_layer at 0)")
+    if virtual_tokens(llm):
+        raise ConfigError("model.visual_entry_layer cannot be combined with PEFT virtual tokens (prompt or prefix "
+                          "tuning): they shift the sequence inside the LLM")
+    return resolve_entry_layer(config.visual_entry_layer, len(decoder_layers(base_llm(llm), "visual_entry_layer")))
+
+
+def _text_scale(config: ModelConfig, llm: nn.Module, tokenizer) -> float:
+    """The norm visual tokens should have where they enter: the text embeddings', or ordinary text's hidden
+    states entering `visual_entry_layer`."""
+    if config.visual_entry_layer:
+        from .integrators.llm_layers import decoder_layers
+
+        layer = resolve_entry_layer(config.visual_entry_layer, len(decoder_layers(base_llm(llm), "visual_entry_layer")))
+        norm = hidden_norm_at(llm, tokenizer, layer)
+        if norm is not None:
+            return norm
+    return _text_embedding_norm(llm)
 
 
 def _text_embedding_norm(llm: nn.Module) -> float:

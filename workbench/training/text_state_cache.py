@@ -1,7 +1,7 @@
 """Text-state cache: the hidden states of the LLM's bottom frozen layers, computed once per text, reused.
 
 When the image reaches the LLM only inside its upper layers (adapters and prompts such as LLaMA-Adapter's,
-no visual tokens in the sequence) and everything trainable sits in those upper layers too (the integrator's
+or visual tokens entering at `model.visual_entry_layer`) and everything trainable sits in those upper layers too (the integrator's
 modules, LoRA restricted with `layers_to_transform`), the bottom layers see only text and never change:
 their output for a given token sequence is the same at every step and epoch. This cache keeps it, keyed by
 the token ids, so a training step runs (forward and backward) only the layers that learn. Backward already
@@ -10,8 +10,8 @@ easy-VQA (a few hundred distinct question-answer texts) nearly every step hits t
 
 It is an exact rewrite, not an approximation: on the first batch the trainer compares the cached path's
 loss with the ordinary forward's and turns the cache off (saying why) if they differ. It turns itself off
-up front when any bottom layer could depend on the image or change: visual or virtual tokens in the
-sequence, a trainable embedding, a hook or a trainable parameter in the layer, or dropout.
+up front when any bottom layer could depend on the image or change: visual tokens entering with the
+embeddings, virtual tokens, a trainable embedding, a hook or a trainable parameter in the layer, or dropout.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..data.prompting import IMAGE_TOKEN_INDEX
 from ..integrators.llm_layers import decoder_layers
 from ..peft_modules import base_llm, virtual_tokens
 
@@ -34,8 +35,9 @@ class _Stop(Exception):
 def frozen_text_layers(model) -> tuple[int, str]:
     """(number of bottom decoder layers whose output depends only on the text and never changes, why not more)."""
     llm = base_llm(model.llm)
-    if model.num_visual_tokens:
-        return 0, "visual tokens are part of the sequence (a prefix integrator)"
+    entry = getattr(model, "entry_layer", 0)
+    if model.num_visual_tokens and not entry:
+        return 0, "visual tokens enter with the embeddings (model.visual_entry_layer: 0)"
     if virtual_tokens(model.llm):
         return 0, "PEFT virtual tokens are part of the sequence"
     if any(p.requires_grad for p in llm.get_input_embeddings().parameters()):
@@ -49,6 +51,8 @@ def frozen_text_layers(model) -> tuple[int, str]:
     except Exception as e:  # not a Llama-like decoder
         return 0, f"the LLM's decoder layers were not found ({e})"
     cut, why = len(layers), "every layer is frozen and text-only"
+    if model.num_visual_tokens:
+        cut, why = entry, f"visual tokens enter at layer {entry}"
     for name, p in llm.named_parameters():
         m = _LAYER.search("." + name)
         if p.requires_grad and m and int(m.group(1)) < cut:
@@ -109,7 +113,8 @@ class TextStateCache:
         for b, r in enumerate(rows):
             ids[b, : r.shape[0]] = r.to(device)
             mask[b, : r.shape[0]] = 1
-        embeds = base_llm(model.llm).get_input_embeddings()(ids)
+        slots = ids == IMAGE_TOKEN_INDEX  # visual tokens entering above the cut: zeros below it (visual_entry.py)
+        embeds = base_llm(model.llm).get_input_embeddings()(ids.clamp(min=0)).masked_fill(slots.unsqueeze(-1), 0.0)
         captured = {}
 
         def capture(module, args, kwargs):

@@ -1,0 +1,119 @@
+"""Visual tokens entering the LLM above the embeddings (`model.visual_entry_layer`): the layers below see only
+text, the image still decides the answer, generation with a KV cache matches generation without one, and the
+text-state cache skips the text-only layers with the same loss and gradients."""
+import copy
+
+import pytest
+import torch
+
+from workbench.config import IntegratorSpec
+from workbench.errors import ConfigError
+from workbench.integrators.llm_layers import decoder_layers
+from workbench.model import VisionLanguageModel
+from workbench.peft_modules import base_llm
+from workbench.training.text_state_cache import TextStateCache, frozen_text_layers
+
+QA = [{"role": "user", "content": "<image>\nwhat color is the shape?"}, {"role": "assistant", "content": "red"}]
+QB = [{"role": "user", "content": "is it round? <image>"}, {"role": "assistant", "content": "yes"}]
+
+
+def _model(tiny_config, entry=1, integrator="mlp"):
+    config = copy.deepcopy(tiny_config)
+    config.visual_entry_layer = entry
+    config.integrator = IntegratorSpec(name=integrator)
+    torch.manual_seed(0)
+    return VisionLanguageModel.from_config(config).eval()
+
+
+def _inputs_of_layer(model, layer, batch):
+    """The hidden states decoder `layer` works on in a forward of `batch` (its input norm's input: after the
+    entry hook, which the forward registers after any hook of the test's)."""
+    seen = {}
+    norm = decoder_layers(base_llm(model.llm), "test")[layer].input_layernorm
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.setdefault("h", args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        handle.remove()
+    return seen["h"], out
+
+
+def test_layers_below_the_entry_see_only_text_and_the_image_still_matters(tiny_model, tiny_config, example_image,
+                                                                           tmp_path):
+    from PIL import Image
+
+    other = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(other)
+    model = _model(tiny_config, entry=1)
+    assert model.entry_layer == 1
+    a = model.prepare_batch([QA], [[example_image]])
+    b = model.prepare_batch([QA], [[other]])
+    below_a, out_a = _inputs_of_layer(model, 0, a)
+    below_b, out_b = _inputs_of_layer(model, 0, b)
+    assert torch.equal(below_a, below_b)  # layer 0 gets the same input whatever the image
+    # ... yet the layer-1 entry makes the logits depend on the image
+    assert not torch.allclose(out_a.logits, out_b.logits)
+    # and with entry at the embeddings, layer 0 does see the image
+    flat = _model(tiny_config, entry=0)
+    assert not torch.equal(_inputs_of_layer(flat, 0, a)[0], _inputs_of_layer(flat, 0, b)[0])
+
+
+def test_the_visual_tokens_are_what_enters_the_entry_layer(tiny_config, example_image):
+    model = _model(tiny_config, entry=1)
+    batch = model.prepare_batch([QB], [[example_image]])
+    entering, _ = _inputs_of_layer(model, 1, batch)
+    visual = model.visual_tokens(model.encode_images(batch["pixel_values"]))[0]
+    start = batch["input_ids"][0].tolist().index(-200)  # the placeholder's position: its tokens start there
+    assert torch.allclose(entering[0, start:start + model.num_visual_tokens], visual.float(), atol=1e-6)
+
+
+def test_generation_with_a_kv_cache_matches_generation_without(tiny_config, example_image):
+    model = _model(tiny_config, entry=1)
+    for p in model.integrator.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    question = [QA[0]]
+    with_cache = model.generate([question, [QB[0]]], [[example_image], [example_image]], max_new_tokens=6)
+    without = model.generate([question, [QB[0]]], [[example_image], [example_image]], max_new_tokens=6,
+                             use_cache=False)
+    assert with_cache == without
+    assert not any(h._forward_pre_hooks for h in decoder_layers(base_llm(model.llm), "test"))  # hook removed
+
+
+def test_the_text_state_cache_skips_the_layers_below_the_entry(tiny_config, example_image):
+    model = _model(tiny_config, entry=1).train()
+    cut, why = frozen_text_layers(model)
+    assert cut == 1 and "enter at layer 1" in why
+    batch = model.prepare_batch([QA, QB], [[example_image], [example_image]])
+    plain = model(**batch, answer_logits_only=True)
+    plain.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    cache = TextStateCache(model, cut)
+    for _ in range(2):  # a miss, then a hit
+        model.zero_grad()
+        cached = model(**batch, answer_logits_only=True, text_states=cache)
+        cached.loss.backward()
+        assert torch.allclose(cached.loss, plain.loss, atol=1e-6)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+    assert cache.hits == 2 and cache.misses == 2
+    assert frozen_text_layers(_model(tiny_config, entry=0))[0] == 0
+
+
+def test_entry_layer_refusals_and_counting_from_the_top(tiny_config):
+    assert _model(tiny_config, entry=-1).entry_layer == 1
+    with pytest.raises(ConfigError, match="decoder layers"):
+        _model(tiny_config, entry=2)
+    with pytest.raises(ConfigError, match="inside the LLM"):
+        _model(tiny_config, entry=1, integrator="llama_adapter")
+
+
+def test_the_entry_layer_survives_save_and_load(tiny_config, example_image, tmp_path):
+    model = _model(tiny_config, entry=1)
+    for p in model.integrator.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    answer = model.generate([QA[0]], [example_image], max_new_tokens=5)
+    loaded = VisionLanguageModel.from_pretrained(model.save_pretrained(tmp_path / "run"))
+    assert loaded.entry_layer == 1
+    assert loaded.generate([QA[0]], [example_image], max_new_tokens=5) == answer
