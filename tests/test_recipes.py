@@ -69,7 +69,7 @@ def test_catalog_lists_examples_and_saved_runs_and_survives_broken_files(example
     assert fast.summary.startswith("direct: adapt trains integrator + lora (r=8 on q_proj, k_proj, v_proj, o_proj "
                                    "layers 22–29) · llama_adapter on mobilenet_v2")
     assert "budget 15 min" in fast.summary and "measured: 99.69%" in fast.summary
-    assert "align trains integrator; instruct trains integrator + whole LLM" in two.summary
+    assert "align trains integrator; instruct trains integrator + lora (r=8" in two.summary
     assert "align: emoji-captions (limit=2000)" in two.summary and "measured: not measured" in two.summary
     with pytest.raises(ConfigError, match="cannot be launched"):
         find_recipe(recipes, "examples/broken.yaml")
@@ -98,8 +98,8 @@ def test_edits_apply_to_a_copy_and_are_validated():
     edited = apply_edits(fast, {"stages": rows, "budget": 15})
     assert (edited.stages[0].epochs, edited.stages[0].max_minutes, edited.stages[0].lr) == (2, None, 5e-4)
     two = find_recipe(recipe_catalog(None), "examples/two_stage_easyvqa.yaml").run
-    split = apply_edits(two, {"budget": 10})
-    assert [s.max_minutes for s in split.stages] == [5, 5]
+    split = apply_edits(two, {"budget": 20})  # the recipe's own 2 + 8 minutes, scaled
+    assert [s.max_minutes for s in split.stages] == [4, 16]
     for edits, message in (({"stages": [["adapt", "", "", -1, 0, 1e-3, 1e-3]]}, "epochs must be at least 0"),
                            ({"stages": [["adapt", "", "", "many", 0, 1e-3, 1e-3]]}, "epochs must be a number"),
                            ({"stages": rows * 2}, "1 stage"), ({"peft_r": 0}, "'r' of PEFT method lora"),

@@ -101,12 +101,11 @@ def test_the_text_state_cache_skips_the_layers_below_the_entry(tiny_config, exam
     assert frozen_text_layers(_model(tiny_config, entry=0))[0] == 0
 
 
-def test_entry_layer_refusals_and_counting_from_the_top(tiny_config):
+def test_entry_layer_range_and_counting_from_the_top(tiny_config):
     assert _model(tiny_config, entry=-1).entry_layer == 1
     with pytest.raises(ConfigError, match="decoder layers"):
         _model(tiny_config, entry=2)
-    with pytest.raises(ConfigError, match="inside the LLM"):
-        _model(tiny_config, entry=1, integrator="llama_adapter")
+    assert _model(tiny_config, entry=1, integrator="llama_adapter").entry_layer == 0  # no tokens to move
 
 
 def test_the_entry_layer_survives_save_and_load(tiny_config, example_image, tmp_path):
@@ -117,3 +116,26 @@ def test_the_entry_layer_survives_save_and_load(tiny_config, example_image, tmp_
     loaded = VisionLanguageModel.from_pretrained(model.save_pretrained(tmp_path / "run"))
     assert loaded.entry_layer == 1
     assert loaded.generate([QA[0]], [example_image], max_new_tokens=5) == answer
+
+
+def test_a_single_stage_run_trains_through_the_cache_and_its_answers_depend_on_the_image(tiny_config,
+                                                                                         example_image, tmp_path):
+    from workbench.config import RunConfig, StageSpec, TrainingSpec
+    from workbench.data.samples import Sample, SampleDataset
+    from workbench.training.metrics import read_metrics
+    from workbench.training.trainer import Trainer
+
+    config = copy.deepcopy(tiny_config)
+    config.visual_entry_layer = -1
+    data = SampleDataset([Sample(QA, [example_image]), Sample(QB, [example_image])] * 4)
+    run = RunConfig(model=config, stages=[StageSpec(name="tune", llm="frozen", lr=1e-2, epochs=2)],
+                    training=TrainingSpec(batch_size=4, log_every=1, cache_features=False))
+    Trainer(run, tmp_path / "run", datasets={"tune": data}).train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    cache = [r for r in rows if r["kind"] == "text_state_cache"]
+    assert cache[0]["cut"] == 1 and cache[0]["check_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert cache[-1]["hit_rate"] > 0.5
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert losses[-1] < losses[0]  # the integrator learns through the entry hook
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.entry_layer == 1

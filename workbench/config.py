@@ -120,7 +120,8 @@ class ModelConfig:
     visual_entry_layer: int = 0
     """Decoder layer where a prefix integrator's visual tokens enter the LLM: 0 = with the text embeddings
     (LLaVA); k > 0 = the layers below k see only text, so with a frozen LLM there the trainer's text-state
-    cache skips them (see visual_entry.py). Negative counts from the top: -8 = the top 8 layers."""
+    cache skips them (see visual_entry.py). Negative counts from the top: -8 = the top 8 layers. Integrators
+    without tokens in the sequence (llama_adapter) ignore it."""
 
     def validate(self) -> "ModelConfig":
         if self.encoder.image_aspect not in ("pad", "resize", "crop"):

@@ -654,14 +654,12 @@ def _resolve_inside(config: ModelConfig, path: Path) -> ModelConfig:
 
 
 def _entry_layer(config: ModelConfig, integrator: Integrator, llm: nn.Module) -> int:
-    """`model.visual_entry_layer` as a decoder-layer index, refused where visual tokens cannot enter there."""
-    if not config.visual_entry_layer:
+    """`model.visual_entry_layer` as a decoder-layer index. An integrator without tokens in the sequence
+    (LLaMA-Adapter's prompts) has nothing to move: 0, so one recipe can be tried with every family."""
+    if not config.visual_entry_layer or not integrator.num_tokens:
         return 0
     from .integrators.llm_layers import decoder_layers
 
-    if not integrator.num_tokens:
-        raise ConfigError(f"model.visual_entry_layer applies to integrators that put visual tokens in the sequence; "
-                          f"'{config.integrator.name}' works inside the LLM (leave visual_entry_layer at 0)")
     if virtual_tokens(llm):
         raise ConfigError("model.visual_entry_layer cannot be combined with PEFT virtual tokens (prompt or prefix "
                           "tuning): they shift the sequence inside the LLM")
