@@ -41,14 +41,13 @@ def with_budget(config: dict, minutes: float | None, *, text_only: bool = False,
                 checkpoint_minutes: float | None = None) -> dict:
     """The config with every stage's time budget scaled so the whole run takes `minutes` of training."""
     from workbench.config import RunConfig, from_dict, to_dict
-    from workbench.paradigms import resolve_stages
+    from workbench.paradigms import resolve_stages, spread_budget
 
     run = from_dict(RunConfig, copy.deepcopy(config)).validate()
     stages = resolve_stages(run)
     if minutes is not None:
-        given = [s.max_minutes or 0.0 for s in stages]
-        for s, g in zip(stages, given):
-            s.max_minutes = minutes * (g / sum(given)) if sum(given) else minutes / len(stages)
+        spread_budget(stages, minutes)
+        for s in stages:
             s.max_steps = None
             s.epochs = max(s.epochs, 50.0)  # the clock, not the data, ends the stage
     run.stages = stages

@@ -210,6 +210,10 @@ def test_run_config_scales_learning_rates_and_keeps_given_stages(tiny_config):
     assert [(s.name, s.data.kind, s.epochs) for s in run.stages] == [
         ("align", "emoji-captions", 2), ("instruct", "easy-vqa", 1)]
     assert own[1].data is None  # the caller's stages are not modified
+    own[0].max_minutes, own[1].max_minutes = 2, 8  # a recipe's own budgets keep their ratio when scaled
+    scaled = frontend.run_config(copy.deepcopy(tiny_config), data, "two-stage", lr=None, epochs=None, stages=own,
+                                 max_minutes=5)
+    assert [s.max_minutes for s in scaled.stages] == [1, 4]
 
 
 def test_progress_markdown_names_runs_and_shows_eta_only_while_running():

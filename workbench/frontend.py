@@ -173,10 +173,11 @@ def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16,
 
     `lr` is the first stage's integrator learning rate; later stages keep their ratio to it (two-stage's
     instruct stage runs 5x lower than its alignment stage), and LLM learning rates stay the recipe's. None keeps
-    the recipe's rates, as `epochs=None` keeps its epochs. `max_minutes` is split evenly over the stages.
+    the recipe's rates, as `epochs=None` keeps its epochs. `max_minutes` is spread over the stages
+    (`paradigms.spread_budget`).
     """
     from .config import RunConfig, TrainingSpec
-    from .paradigms import resolve_stages
+    from .paradigms import resolve_stages, spread_budget
 
     run = RunConfig(name=name or f"{paradigm}-{model.integrator.name}", model=model, paradigm=paradigm, data=data,
                     eval_data=eval_data, text_only=bool(text_only), stages=list(stages or []),
@@ -187,7 +188,10 @@ def run_config(model, data, paradigm: str, name: str = "", batch_size: int = 16,
         s.lr = s.lr * scale
         if epochs is not None:
             s.epochs = float(epochs)
-        s.max_minutes = float(max_minutes) / len(stages) if max_minutes else None
+        if not max_minutes:
+            s.max_minutes = None
+    if max_minutes:
+        spread_budget(stages, float(max_minutes))
     run.stages = stages
     return run.validate()
 

@@ -84,6 +84,16 @@ def resolve_stages(run: RunConfig) -> list[StageSpec]:
     return stages
 
 
+def spread_budget(stages: list[StageSpec], minutes: float) -> None:
+    """Give the stages `minutes` of training in all: in proportion to their own budgets when every stage has
+    one (a recipe's 2 + 8 minutes stay 1 : 4), else evenly. The app, notebooks and benchmarks all scale a
+    recipe's budget this way."""
+    own = [s.max_minutes or 0.0 for s in stages]
+    proportional = all(own)
+    for s, mine in zip(stages, own):
+        s.max_minutes = minutes * (mine / sum(own) if proportional else 1 / len(stages))
+
+
 def _integrator_inside_llm(run: RunConfig) -> bool:
     """Read from the integrator's registration: the placement is declared there once."""
     from .integrators import INTEGRATORS

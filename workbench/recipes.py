@@ -221,7 +221,7 @@ def apply_edits(run: RunConfig, edits: dict[str, Any]) -> RunConfig:
     in proportion to their minutes (evenly when they had none). A new data kind replaces the run's data (stages
     with their own data keep it) and drops an evaluation set of the old kind."""
     from .options import from_form
-    from .paradigms import PARADIGMS, resolve_stages
+    from .paradigms import PARADIGMS, resolve_stages, spread_budget
     from .peft_modules import METHODS, method_options
 
     run = copy.deepcopy(run)
@@ -251,10 +251,11 @@ def apply_edits(run: RunConfig, edits: dict[str, Any]) -> RunConfig:
     budget = edits.get("budget")
     own_total = sum(s.max_minutes or 0 for s in (resolve_stages(copy.deepcopy(run))))
     if budget is not None and abs(_number("budget", budget, 0.0) - own_total) > 1e-9:
-        budget = float(budget)
-        had = sum(s.max_minutes or 0 for s in stages)
-        for s in stages:
-            s.max_minutes = (budget * ((s.max_minutes or 0) / had if had else 1 / len(stages))) or None
+        if budget:
+            spread_budget(stages, float(budget))
+        else:
+            for s in stages:
+                s.max_minutes = None
     run.stages = stages
     peft = run.model.peft
     if edits.get("peft_method") is not None:
