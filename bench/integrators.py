@@ -126,7 +126,9 @@ def main() -> int:
             "## integrators — every integrator family on easy-VQA at an equal budget",
             "",
             f"`workbench train {CONFIG} --integrator NAME` per row, in its own process: MobileNetV2 (frozen) → "
-            f"integrator → SmolLM2-135M-Instruct (frozen) with LoRA r=8 on q/k/v/o, direct-adaptation recipe "
+            f"integrator → SmolLM2-135M-Instruct (frozen) with LoRA r=8 on q/k/v/o in its top 8 layers, where "
+            f"the visual tokens of integrators that have them enter (`visual_entry_layer: -8`; the layers below "
+            f"see only text and are cached when nothing in them trains), direct-adaptation recipe "
             f"(integrator + LoRA train together, lr 1e-3, batch 16), **{args.minutes:g} minutes of training per "
             "row** (the stage's time budget; the cosine schedule follows the clock), features cached once "
             "beforehand for all rows. The text-only floor is the same recipe at the same budget without the "
