@@ -139,3 +139,20 @@ def test_a_single_stage_run_trains_through_the_cache_and_its_answers_depend_on_t
     assert losses[-1] < losses[0]  # the integrator learns through the entry hook
     loaded = VisionLanguageModel.from_pretrained(tmp_path / "run" / "model")
     assert loaded.entry_layer == 1
+
+
+def test_attention_views_and_the_logit_lens_read_from_the_entry_layer_up(tiny_config, example_image):
+    from workbench.attention import token_scores, trace_attention
+    from workbench.logit_lens import decode, logit_lens
+
+    model = _model(tiny_config, entry=1)
+    trace = trace_attention(model, [QA[0]], [example_image], answer="red", relevancy=True)
+    assert trace.entry_layer == 1 and trace.num_layers == 2
+    # the default layer set is the entry layer and above: layer 0's attention to the placeholders is left out
+    assert torch.allclose(token_scores(trace), token_scores(trace, layers=[1]))
+    assert not torch.allclose(token_scores(trace, layers=[0]), token_scores(trace, layers=[1]))
+    lens = logit_lens(model, [QA[0]], [example_image])
+    assert lens.layer_names == ["entering layer 1", "layer 1"]
+    visual = model.visual_tokens(model.encode_images(model.prepare_batch([[QA[0]]], [[example_image]])["pixel_values"]))
+    expected, _ = decode(model, visual[0], top_k=5)
+    assert torch.allclose(lens.probs[0], expected)  # the first row reads the tokens as they enter

@@ -68,6 +68,9 @@ class AttentionTrace:
     visual_prompts: bool = False
     """Whether the integrator carried the image into the layers as vectors outside the sequence
     (`AttentionRecord.visual_prompts`), which the logit lens can read."""
+    entry_layer: int = 0
+    """Decoder layer where the visual tokens enter (`model.visual_entry_layer`): below it their slots hold
+    image-free placeholders, so the views read the layers from it up unless given others."""
 
     @property
     def num_layers(self) -> int:
@@ -204,7 +207,8 @@ def _build_trace(model, batch, inputs, out, recorded, patch_maps, images, answer
     return AttentionTrace(tokens=labels, image_spans=list(spans), answer_positions=positions, answer=answer,
                           attentions=attentions, patch_maps=patch_maps, grid=tuple(model.encoder.grid),
                           images=[model.encoder.square_view(im) for im in images], cross=cross, gates=gates,
-                          latent_maps=latent_maps, integrator=model.config.integrator.name)
+                          latent_maps=latent_maps, integrator=model.config.integrator.name,
+                          entry_layer=getattr(model, "entry_layer", 0))
 
 
 def _drop_cls(model, maps: torch.Tensor) -> torch.Tensor:
@@ -245,7 +249,7 @@ def _add_relevancy(model, batch, trace: AttentionTrace, features: torch.Tensor |
             model.zero_grad(set_to_none=True)
             logprob.backward()
         relevance = torch.eye(L)
-        for a in out.attentions:
+        for a in out.attentions[trace.entry_layer:]:  # below the entry the visual slots hold placeholders
             attn, grad = a[0, :, -L:, -L:].detach().float().cpu(), a.grad[0, :, -L:, -L:].float().cpu()
             cam = (grad * attn).clamp(min=0).mean(dim=0)
             relevance = relevance + cam @ relevance
@@ -274,7 +278,7 @@ def _heads(a: torch.Tensor, head: int | str) -> torch.Tensor:
 
 def _layers(trace: AttentionTrace, layers: Sequence[int] | int | None) -> list[int]:
     if layers is None:
-        return list(range(trace.num_layers))
+        return list(range(trace.entry_layer, trace.num_layers))
     layers = [layers] if isinstance(layers, int) else list(layers)
     bad = [i for i in layers if not -trace.num_layers <= i < trace.num_layers]
     if bad or not layers:

@@ -176,8 +176,12 @@ def logit_lens(model, messages: list[dict], images: Sequence = (), image: int = 
     else:
         L = inputs.inputs_embeds.shape[1]
         start, count = inputs.image_spans[0][image]
-        vectors = torch.stack([s[-L:][start:start + count] for s in states])  # (layers + 1, tokens, H)
-        names = ["embeddings"] + [f"layer {i}" for i in range(len(states) - 1)]
+        entry = model.entry_layer  # below it the slots hold placeholders: read the tokens from where they enter
+        entering = inputs.inputs_embeds[0, -L:] if entry else states[0][-L:]
+        vectors = torch.stack([entering[start:start + count]] + [s[-L:][start:start + count]
+                                                                 for s in states[entry + 1:]])  # (layers + 1, tokens, H)
+        names = [f"entering layer {entry}" if entry else "embeddings"] + [
+            f"layer {i}" for i in range(entry, len(states) - 1)]
         labels = [f"token {t}" for t in range(count)]
         if patch_map is not None and patch_map.dim() == 3:
             patch_map = patch_map[image]
