@@ -53,6 +53,18 @@ def test_prefix_model_drawn_with_its_token_counts(tiny_config, monkeypatch):
     assert not [n for n in shapes if " in layer " in n]  # nothing of a prefix integrator inside the LLM
 
 
+def test_visual_tokens_entering_above_the_embeddings_point_at_their_layer(tiny_config):
+    config = _config(tiny_config)
+    config.visual_entry_layer = -1
+    facts = frontend.describe_config(config)["architecture"]
+    assert facts["parts"]["integrator"]["entry_layer"] == 1
+    fig = architecture_figure(facts)
+    assert _annotation(fig, "tokens integrator→llm").endswith("enter at layer 1")
+    assert "image slots" in _annotation(fig, "llm embeddings")
+    flat = architecture_figure(frontend.describe_config(_config(tiny_config))["architecture"])
+    assert "enter at layer" not in _annotation(flat, "tokens integrator→llm")
+
+
 def test_in_llm_integrators_and_peft_are_drawn_inside_their_layers(tiny_config):
     for integrator, options, expected in (("gated_xattn", {"every": 2}, [0]), ("llama_adapter", {"num_layers": 1}, [1]),
                                           ("lavin_mma", {"layers": "all"}, [0, 1])):

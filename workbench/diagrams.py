@@ -33,7 +33,7 @@ def architecture(model, stages=None) -> dict[str, Any]:
         "integrator": {"name": model.config.integrator.name,
                        "placement": getattr(model.integrator, "placement", "prefix"),
                        "tokens": model.num_visual_tokens, "width": context.llm_hidden,
-                       "layers": model.integrator.llm_layers()},
+                       "layers": model.integrator.llm_layers(), "entry_layer": getattr(model, "entry_layer", 0)},
         "llm": {"name": model.config.llm.name, "layers": int(llm_config.num_hidden_layers),
                 "width": context.llm_hidden},
     }
@@ -106,11 +106,14 @@ def architecture_figure(facts: dict[str, Any], title: str | None = None):
     # the LLM: input embeddings at the bottom, its layers stacked above, text out at the top
     x0, x1, top = 8.6, 11.6, 9.0
     box("llm", x0 - 0.15, x1 + 0.15, low - 0.2, top + 0.2, "rgba(0,0,0,0)", edge="#444444")
-    box("llm embeddings", x0, x1, low, low + 0.5, INPUT, "input embeddings: visual + text tokens")
-    arrow("tokens integrator→llm", 7.3, mid, x0 - 0.15, low + 0.25, f"{integ['tokens']} visual token"
-          f"{'' if integ['tokens'] == 1 else 's'}<br>× {integ['width']}")
     n = max(1, llm["layers"])
     stack_low, step = low + 0.7, (top - low - 0.7) / n
+    entry = integ.get("entry_layer", 0)  # visual tokens entering above the embeddings (visual_entry.py)
+    box("llm embeddings", x0, x1, low, low + 0.5, INPUT,
+        "input embeddings: text tokens + image slots" if entry else "input embeddings: visual + text tokens")
+    arrow("tokens integrator→llm", 7.3, mid, x0 - 0.15, stack_low + (entry + 0.4) * step if entry else low + 0.25,
+          f"{integ['tokens']} visual token{'' if integ['tokens'] == 1 else 's'}<br>× {integ['width']}"
+          + (f"<br>enter at layer {entry}" if entry else ""))
     in_llm, adapted = set(integ["layers"]), set(peft["layers"]) if peft else set()
     for i in range(n):
         y0, y1 = stack_low + i * step, stack_low + (i + 0.8) * step
