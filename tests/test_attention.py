@@ -53,6 +53,31 @@ def test_maps_are_distributions_on_the_grid_for_every_family(tiny_config, exampl
     assert abs(sum(w for _, w in weights) - 1) < 1e-4 and len(weights) == trace.query_position(0) + 1
 
 
+def test_the_gradient_view_is_read_after_the_integrators_layernorm(tiny_config, example_image):
+    """A per-token LayerNorm ignores its input's scale, so the gradient at the raw features is orthogonal to them
+    and |gradient · feature| is ~0 at every patch; the view reads gradient × input after the norm instead."""
+    model = build(tiny_config, "mlp").eval()  # input_norm: layer (the default)
+    # features at a real encoder's scale (the tiny random encoder's are ~1e-8, where LayerNorm's eps rules)
+    context = model.integrator.context
+    fixed = torch.randn(1, context.num_input_tokens, context.vision_dim, generator=torch.Generator().manual_seed(1))
+    model.encode_images = lambda pixel_values: fixed.clone()
+    trace = trace_attention(model, Q, [example_image], answer="red", relevancy=True)
+    batch = model.prepare_batch([Q + [{"role": "assistant", "content": "red"}]], [[example_image]])
+    feats = fixed.clone().requires_grad_(True)
+    seen = []
+    hook = model.integrator.norm.register_forward_hook(lambda m, a, out: seen.append(out) or out.retain_grad())
+    try:
+        out, inputs = model.run_llm(batch, feats)
+    finally:
+        hook.remove()
+    position = trace.answer_positions[0]
+    out.logits[0, position - 1].float().log_softmax(-1)[inputs.labels[0, position]].backward()
+    raw = (feats.grad * feats).sum(-1).abs()
+    after = (seen[0].grad * seen[0]).sum(-1).abs()
+    assert float(raw.sum()) < 1e-3 * float(after.sum())
+    assert torch.allclose(trace.gradient[0, 0], (after[0] / after[0].sum()).float(), atol=1e-4)
+
+
 @pytest.mark.parametrize("integrator", ["llama_adapter"])
 def test_adapters_inside_the_llm_get_the_gradient_view_and_a_clear_refusal(tiny_config, example_image, integrator):
     model = build(tiny_config, integrator)

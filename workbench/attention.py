@@ -11,7 +11,7 @@ Composing token→visual-token attention with visual-token→patch maps puts eve
 What the integrator recorded is read by field from its `AttentionRecord` (integrators/base.py).
 
 A second, gradient-based view (`relevancy=True`) needs one backward pass: gradient-weighted attention
-relevancy (Chefer et al., 2021, as LVLM-Interpret uses) and |gradient · feature| on the encoder's patches,
+relevancy (Chefer et al., 2021, as LVLM-Interpret uses) and |gradient · input| on the encoder's patches,
 which works for every integrator, including adapters inside the LLM that have no attention path to
 the patches (LaVIN, LLaMA-Adapter), and for PEFT-wrapped (LoRA…) models.
 
@@ -60,7 +60,8 @@ class AttentionTrace:
     relevancy: torch.Tensor | None = None
     """(answer tokens, L) gradient-weighted attention relevancy of each position (with `relevancy=True`)."""
     gradient: torch.Tensor | None = None
-    """(answer tokens, images, h·w) gradient × feature on the encoder's patches (with `relevancy=True`)."""
+    """(answer tokens, images, h·w) |gradient · input| per encoder patch (with `relevancy=True`; see
+    `_attribution_point`)."""
     integrator: str = ""
     fixed_patch_map: bool = False
     """Whether each visual token's patch map is fixed by the architecture (projectors, pooling, convolutions),
@@ -235,13 +236,21 @@ def _token_labels(model, inputs, batch, spans) -> list[str]:
 
 
 def _add_relevancy(model, batch, trace: AttentionTrace, features: torch.Tensor | None) -> None:
-    """Gradient-weighted attention relevancy (Chefer et al., 2021) and gradient × feature, per answer token."""
+    """Gradient-weighted attention relevancy (Chefer et al., 2021) and |gradient · input| per patch, per answer token."""
     rel_rows, grad_rows = [], []
     L = trace.attentions.shape[-1]
+    point = _attribution_point(model)
     for position in trace.answer_positions:
         feats = features.detach().clone().requires_grad_(True) if features is not None else None
+        seen: list[torch.Tensor] = []
+        hook = point.register_forward_hook(lambda m, a, out: seen.append(out) or out.retain_grad()) \
+            if point is not None and feats is not None else None
         with eager_attention(model.llm), torch.enable_grad():
-            out, inputs = model.run_llm(batch, feats, output_attentions=True, embeds_require_grad=True)
+            try:
+                out, inputs = model.run_llm(batch, feats, output_attentions=True, embeds_require_grad=True)
+            finally:
+                if hook is not None:
+                    hook.remove()
             for a in out.attentions:
                 a.retain_grad()
             target = inputs.labels[0, position]
@@ -254,13 +263,28 @@ def _add_relevancy(model, batch, trace: AttentionTrace, features: torch.Tensor |
             cam = (grad * attn).clamp(min=0).mean(dim=0)
             relevance = relevance + cam @ relevance
         rel_rows.append(relevance[position - 1])
-        if feats is not None and feats.grad is not None:
-            # how much each patch's features move the answer's log-probability, either way (|grad · feature|)
-            g = (feats.grad * feats.detach()).sum(dim=-1).abs().float().cpu()  # (images, N)
+        # read after the norm when it keeps one row per patch (LLaMA-Adapter normalises a pooled vector)
+        x = seen[0] if seen and seen[0].grad is not None and seen[0].shape == feats.shape else feats
+        if x is not None and x.grad is not None:
+            # how much each patch's input moves the answer's log-probability, either way (|grad · input|)
+            g = (x.grad * x.detach()).sum(dim=-1).abs().float().cpu()  # (images, N)
             grad_rows.append(_drop_cls(model, g + 1e-12))
         model.zero_grad(set_to_none=True)
     trace.relevancy = torch.stack(rel_rows) if rel_rows else None
     trace.gradient = torch.stack(grad_rows) if grad_rows else None
+
+
+def _attribution_point(model) -> torch.nn.Module | None:
+    """The integrator's per-token LayerNorm over the encoder features, if it has one: gradient × input is read
+    at its output. A LayerNorm is blind to its input's scale, so the gradient reaching the raw features is
+    orthogonal to them (∂f(x/|x|)/∂x · x = 0) and gradient · feature is ~0 at every patch, whatever the
+    model looks at; after the norm, scale matters again and gradient × input estimates what removing a
+    patch's token would change. None: read at the raw features."""
+    dim = model.integrator.context.vision_dim
+    for module in model.integrator.modules():
+        if isinstance(module, torch.nn.LayerNorm) and tuple(module.normalized_shape) == (dim,):
+            return module
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- views
