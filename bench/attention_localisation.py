@@ -10,8 +10,9 @@ traces the answer, and for each view the score is
 where coverage is the fraction of a grid patch's pixels that belong to the shape. A uniform map scores
 exactly 1.0 (no better than chance); a map entirely on shape-only patches scores 1 / (shape's area share).
 
-Views: attention (mean over heads, all layers), attention in the last layer, attention rollout,
-gradient-weighted relevancy, gradient × feature on the encoder's patches.
+Views: attention (mean over heads, all layers — from the entry layer up when visual tokens enter above the
+embeddings), attention in the last layer, attention rollout, gradient-weighted relevancy, |gradient · input| per
+encoder patch (read after the integrator's LayerNorm, see workbench/attention.py).
 
 Run: .venv/bin/python bench/attention_localisation.py [--quick] [--models DIR] [--questions N]
 """
@@ -28,7 +29,7 @@ import _common as C  # noqa: E402
 
 DEFAULT_MODELS = C.REPO / "artifacts" / "integrator-models"
 VIEWS = {"attention (all layers)": ("attention", None), "attention (last layer)": ("attention", [-1]),
-         "rollout": ("rollout", None), "relevancy": ("relevancy", None), "gradient × feature": ("gradient", None)}
+         "rollout": ("rollout", None), "relevancy": ("relevancy", None), "gradient × input": ("gradient", None)}
 TARGET = 1.0
 
 
