@@ -1,0 +1,59 @@
+"""One recipe at one training budget: train it as a user does, then ask it easy-VQA test questions.
+
+`workbench train CONFIG --set …` in its own process with every stage's time budget scaled to `--minutes`
+(`paradigms.spread_budget`), a fresh workbench home (so the frozen encoder's features are computed inside the
+budget, as on a new machine) and no evaluation during training; then the saved model answers `--limit` test
+questions (seeded subset; 0 = all 9,673). For trying one change to a recipe at a time, e.g.
+
+    .venv/bin/python bench/recipe_at_budget.py examples/configs/direct_lora_easyvqa.yaml --minutes 10 \
+        --set training.batch_size=8
+
+Prints optimizer steps, seconds per step, the text-state cache's cut and hit rate, accuracy by question type,
+and `RESULT recipe_accuracy <accuracy> target >=0.90` last.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import _runs as R  # noqa: E402
+
+TARGET = 0.90
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="run config YAML (examples/configs/)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget, spread over the stages")
+    parser.add_argument("--limit", type=int, default=1000, help="test questions (0: all 9,673)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    args = parser.parse_args()
+    C.setup_environment()
+    config = R.with_budget(R.read_yaml(C.REPO / args.config), args.minutes)
+    with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
+        tmp = Path(tmp)
+        run = R.train(config, tmp, R.fresh_home(tmp), Path(args.config).stem,
+                      [a for kv in args.set for a in ("--set", kv)])
+        run_dir = Path(run["run_dir"])
+        rows = R.metrics(run_dir)
+        result = R.evaluate(run_dir / "model", args.limit)
+    steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
+    cache = [r for r in rows if r["kind"] == "text_state_cache"]
+    print(f"machine: {C.machine_line()}")
+    print(f"{args.config} {' '.join(args.set)}: {args.minutes:g} min, {steps} optimizer steps, "
+          f"{R.seconds_per_step(rows):.2f} s/step, wall {run['wall_s']:.0f} s")
+    if cache:
+        print("text-state cache: " + ", ".join(f"{k} {cache[-1][k]}" for k in ("cut", "hit_rate", "entries")
+                                               if k in cache[-1]))
+    print(f"accuracy {100 * result['accuracy']:.2f}% on {args.limit or 9673} questions "
+          f"(yes/no, colour, shape: {', '.join(R.by_type(result))})")
+    print(C.result_line("recipe_accuracy", f"{result['accuracy']:.4f}", f">={TARGET}", result["accuracy"] >= TARGET))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
