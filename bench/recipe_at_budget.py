@@ -7,6 +7,7 @@ questions (seeded subset; 0 = all 9,673). For trying one change to a recipe at a
 
     .venv/bin/python bench/recipe_at_budget.py examples/configs/direct_lora_easyvqa.yaml --minutes 10 \
         --set training.batch_size=8
+    .venv/bin/python bench/recipe_at_budget.py examples/configs/direct_lora_easyvqa.yaml --integrator qformer
 
 Prints optimizer steps, seconds per step, the text-state cache's cut and hit rate, accuracy by question type,
 and `RESULT recipe_accuracy <accuracy> target >=0.90` last.
@@ -30,21 +31,23 @@ def main() -> int:
     parser.add_argument("config", help="run config YAML (examples/configs/)")
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget, spread over the stages")
     parser.add_argument("--limit", type=int, default=1000, help="test questions (0: all 9,673)")
+    parser.add_argument("--integrator", help="use this integrator (its default options) instead of the config's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = parser.parse_args()
     C.setup_environment()
     config = R.with_budget(R.read_yaml(C.REPO / args.config), args.minutes)
     with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
         tmp = Path(tmp)
-        run = R.train(config, tmp, R.fresh_home(tmp), Path(args.config).stem,
-                      [a for kv in args.set for a in ("--set", kv)])
+        extra = (["--integrator", args.integrator] if args.integrator else []) + [
+            a for kv in args.set for a in ("--set", kv)]
+        run = R.train(config, tmp, R.fresh_home(tmp), Path(args.config).stem, extra)
         run_dir = Path(run["run_dir"])
         rows = R.metrics(run_dir)
         result = R.evaluate(run_dir / "model", args.limit)
     steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
     cache = [r for r in rows if r["kind"] == "text_state_cache"]
     print(f"machine: {C.machine_line()}")
-    print(f"{args.config} {' '.join(args.set)}: {args.minutes:g} min, {steps} optimizer steps, "
+    print(f"{args.config} {' '.join(extra)}: {args.minutes:g} min, {steps} optimizer steps, "
           f"{R.seconds_per_step(rows):.2f} s/step, wall {run['wall_s']:.0f} s")
     if cache:
         print("text-state cache: " + ", ".join(f"{k} {cache[-1][k]}" for k in ("cut", "hit_rate", "entries")
