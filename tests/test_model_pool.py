@@ -187,6 +187,27 @@ def test_runs_on_one_base_answer_together_in_one_batch(runs, example_image, tmp_
         batcher.close()
 
 
+def test_runs_whose_tokens_enter_above_the_embeddings_answer_together(base_config, example_image, tmp_path):
+    from PIL import Image
+
+    from workbench.model import generate_together
+
+    entering = copy.deepcopy(base_config)
+    entering.visual_entry_layer = -1
+    a = save_run(entering, tmp_path / "a", "mlp", seed=4)
+    b = save_run(entering, tmp_path / "b", "qformer", seed=5)
+    flat = save_run(base_config, tmp_path / "flat", "mlp", seed=6)
+    pool = ModelPool(budget_bytes="64GB", dtype="float32")
+    a, b, flat = load(pool, a), load(pool, b), load(pool, flat)
+    assert a.entry_layer == b.entry_layer == 1 and a.llm_batch_key() == b.llm_batch_key()
+    assert flat.llm_batch_key() != a.llm_batch_key()  # the same tensors, another computation
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    rows = [(a, example_image), (b, blue), (a, blue)]
+    together = generate_together([m for m, _ in rows], [QUESTION] * 3, [[im] for _, im in rows], max_new_tokens=6)
+    assert together == [m.generate(QUESTION, [im], max_new_tokens=6) for m, im in rows]
+
+
 def wait_until(condition, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while not condition():
