@@ -68,15 +68,30 @@ def test_the_visual_tokens_are_what_enters_the_entry_layer(tiny_config, example_
     assert torch.allclose(entering[0, start:start + model.num_visual_tokens], visual.float(), atol=1e-6)
 
 
-def test_generation_with_a_kv_cache_matches_generation_without(tiny_config, example_image):
+def test_generation_with_a_kv_cache_matches_greedy_full_forward_passes(tiny_config, example_image):
+    """Generation (prompt once, then one token at a time through the KV cache) and the training path (a full
+    forward over prompt + answer so far, the visual tokens entering on each) pick the same tokens."""
     model = _model(tiny_config, entry=1)
     for p in model.integrator.parameters():
         torch.nn.init.normal_(p, std=0.5)
     question = [QA[0]]
-    with_cache = model.generate([question, [QB[0]]], [[example_image], [example_image]], max_new_tokens=6)
-    without = model.generate([question, [QB[0]]], [[example_image], [example_image]], max_new_tokens=6,
-                             use_cache=False)
-    assert with_cache == without
+    answer = model.generate(question, [example_image], max_new_tokens=6)
+    batch = model.prepare_batch([question], [[example_image]], add_generation_prompt=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    eos = model.llm.generation_config.eos_token_id or model.tokenizer.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    tokens = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(ids, mask, pixel_values=batch["pixel_values"],
+                           image_to_sample=batch["image_to_sample"]).logits
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
+    assert tokens and model.tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer
     assert not any(h._forward_pre_hooks for h in decoder_layers(base_llm(model.llm), "test"))  # hook removed
 
 

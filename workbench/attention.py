@@ -236,7 +236,8 @@ def _token_labels(model, inputs, batch, spans) -> list[str]:
 
 
 def _add_relevancy(model, batch, trace: AttentionTrace, features: torch.Tensor | None) -> None:
-    """Gradient-weighted attention relevancy (Chefer et al., 2021) and |gradient · input| per patch, per answer token."""
+    """Gradient-weighted attention relevancy (Chefer et al., 2021) and |gradient · input| per patch, per answer
+    token."""
     rel_rows, grad_rows = [], []
     L = trace.attentions.shape[-1]
     point = _attribution_point(model)

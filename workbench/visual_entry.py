@@ -7,7 +7,7 @@ a pre-hook on layer k replaces those slots' hidden states with the visual tokens
 only text: with a frozen LLM their states are the same at every step, and the trainer's text-state cache
 (training/text_state_cache.py) skips them, as it does for the adapter recipes whose prompts sit in the top
 layers. Positions stay those of the full sequence, so generation with a KV cache needs nothing special: the
-hook acts only on the pass that holds the whole prompt.
+hook acts on the pass that holds the whole prompt, and the decoding steps after it read the slots from the cache.
 """
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ def visual_entry(llm: nn.Module, layer: int, visual: torch.Tensor, slots: torch.
 
     def enter(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] != width:  # a decoding step after the prompt: the slots are already in the KV cache
+        if hidden.shape[1] < width:  # a decoding step after the prompt: the slots are already in the KV cache
             return None
-        hidden = torch.where(where, visual.to(hidden.dtype), hidden)
+        prompt = torch.where(where, visual.to(hidden.dtype), hidden[:, :width])  # a longer pass: the prompt leads
+        hidden = torch.cat([prompt, hidden[:, width:]], dim=1) if hidden.shape[1] > width else prompt
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
