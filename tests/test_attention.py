@@ -72,8 +72,8 @@ def test_the_gradient_view_is_read_after_the_integrators_layernorm(tiny_config, 
         hook.remove()
     position = trace.answer_positions[0]
     out.logits[0, position - 1].float().log_softmax(-1)[inputs.labels[0, position]].backward()
-    raw = (feats.grad * feats).sum(-1).abs()
-    after = (seen[0].grad * seen[0]).sum(-1).abs()
+    raw = (feats.grad * feats).sum(-1).abs().detach()
+    after = (seen[0].grad * seen[0]).sum(-1).abs().detach()
     assert float(raw.sum()) < 1e-3 * float(after.sum())
     assert torch.allclose(trace.gradient[0, 0], (after[0] / after[0].sum()).float(), atol=1e-4)
 
