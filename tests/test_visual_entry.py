@@ -171,3 +171,17 @@ def test_attention_views_and_the_logit_lens_read_from_the_entry_layer_up(tiny_co
     visual = model.visual_tokens(model.encode_images(model.prepare_batch([[QA[0]]], [[example_image]])["pixel_values"]))
     expected, _ = decode(model, visual[0], top_k=5)
     assert torch.allclose(lens.probs[0], expected)  # the first row reads the tokens as they enter
+
+
+def test_an_entry_layer_beyond_the_llm_is_refused_before_a_run_exists(tiny_config, tmp_path):
+    from workbench.config import DataSpec, RunConfig
+    from workbench.jobs import RunRegistry
+
+    config = copy.deepcopy(tiny_config)
+    config.visual_entry_layer = 5
+    registry = RunRegistry(tmp_path / "runs")
+    with pytest.raises(ConfigError, match="the LLM has 2 decoder layers"):
+        registry.create(RunConfig(model=config, paradigm="single-stage", data=DataSpec(kind="easy-vqa")))
+    assert registry.list() == []
+    config.visual_entry_layer = -2  # the bottom layer, counted from the top: fine
+    assert registry.create(RunConfig(model=config, paradigm="single-stage", data=DataSpec(kind="easy-vqa")))

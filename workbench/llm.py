@@ -294,6 +294,19 @@ def load_llm(spec: LLMSpec, device: torch.device | None = None, peft: PeftSpec |
     return model, tokenizer
 
 
+def num_decoder_layers(spec: LLMSpec) -> int | None:
+    """The LLM's decoder layer count from its config alone (no weights), or None when the config does not say."""
+    from transformers import AutoConfig
+
+    source, kw = _source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **kw)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "num_hidden_layers", None)
+
+
 def target_device(spec: LLMSpec) -> torch.device:
     """The device a model described on `meta` would really run on (its dtype, the memory it is costed against)."""
     return resolve_device(spec.device)

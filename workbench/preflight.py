@@ -2,7 +2,8 @@
 
 `RunRegistry.create` calls `check_run`, so the command line (foreground and background) and the app refuse a
 config that cannot start with one line, before any run folder or registry row exists. The checks read
-registries, signatures and the file system; they load no weights (an embedded LLM is only located).
+registries, signatures and the file system; they load no weights (an embedded LLM is only located, and its
+config read when the visual entry layer must be checked against its layer count).
 """
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def check_run(run: RunConfig) -> RunConfig:
     check_integrator_options(model.integrator)
     check_peft_spec(model.peft)
     _source(model.llm)  # unknown names, missing directories and uncached hub ids (offline) fail here
+    if model.visual_entry_layer:
+        from .llm import num_decoder_layers
+        from .visual_entry import resolve_entry_layer
+
+        layers = num_decoder_layers(model.llm)
+        if layers:
+            resolve_entry_layer(model.visual_entry_layer, layers)
     stages = resolve_stages(run)
     for spec in [s.data for s in stages] + ([run.eval_data] if run.eval_data is not None else []):
         check_data(spec)
