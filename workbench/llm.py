@@ -312,6 +312,25 @@ def target_device(spec: LLMSpec) -> torch.device:
     return resolve_device(spec.device)
 
 
+SHORT_SEQUENCE = 160
+"""Sequences up to this many tokens train with sdpa's math kernel on CPU (see `training_attention`)."""
+
+
+def training_attention(device: torch.device | str, seq_len: int):
+    """The sdpa kernel for a pass that will be backpropagated: on CPU, the math kernel for short sequences.
+
+    PyTorch's CPU flash-attention kernel is tiled for long sequences; for the few dozen to ~150 tokens of a
+    short-answer sample its backward pass costs more than the whole plain softmax(QKᵀ)V it replaces, and it is
+    the largest item of a training step there (bench/train_throughput.py). Longer sequences, GPUs and passes
+    without gradients keep sdpa's choice.
+    """
+    if torch.device(device).type != "cpu" or seq_len > SHORT_SEQUENCE or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def set_attention_implementation(model, implementation: str) -> None:
     """Switch attention kernels in place (eager returns attention weights; sdpa is fast)."""
     setter = getattr(model, "set_attn_implementation", None)

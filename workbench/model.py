@@ -27,7 +27,7 @@ from .encoders import VisionEncoder, build_encoder
 from .errors import ConfigError
 from .images import ImageSource, load_image
 from .integrators import Integrator, IntegratorContext, build_integrator
-from .llm import load_llm, resolve_device
+from .llm import load_llm, resolve_device, training_attention
 from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
 from .peft_modules import generate as peft_generate
 from .peft_modules import peft_parameters, save_peft, virtual_tokens
@@ -429,7 +429,8 @@ class VisionLanguageModel(nn.Module):
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
             # the entry hook first: it finds its layer by index in the full decoder, before the cache cuts it
-            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers:
+            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers, \
+                    training_attention(embeds.device, embeds.shape[1]):
                 out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
                                labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
