@@ -580,3 +580,18 @@ def test_bf16_features_are_cached_without_overflow(tmp_path):
     assert torch.equal(again.float(), expected.float())
     forced = FeatureCache(_Bf16Encoder(), root=tmp_path / "f16", dtype=torch.float16).get([image])[0]
     assert torch.isfinite(forced).all()  # asked for fp16, but not where it would overflow
+def test_training_attention_uses_the_math_kernel_only_for_short_cpu_passes_with_gradients():
+    from workbench.llm import SHORT_SEQUENCE, training_attention
+
+    def kernels():
+        return torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+
+    default = kernels()
+    with training_attention("cpu", SHORT_SEQUENCE):
+        assert kernels() == (False, True)  # the math kernel only
+    assert kernels() == default  # restored on the way out
+    for device, length in (("cpu", SHORT_SEQUENCE + 1), ("cuda", 16), ("meta", 16)):
+        with training_attention(device, length):
+            assert kernels() == default
+    with torch.no_grad(), training_attention("cpu", 16):
+        assert kernels() == default  # inference keeps sdpa's choice

@@ -429,8 +429,10 @@ class VisionLanguageModel(nn.Module):
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
             # the entry hook first: it finds its layer by index in the full decoder, before the cache cuts it
-            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers, \
-                    training_attention(embeds.device, embeds.shape[1]):
+            # (a checkpointed layer recomputes in backward, outside this block: it keeps one kernel for both)
+            kernel = contextlib.nullcontext() if self.gradient_checkpointing else \
+                training_attention(embeds.device, embeds.shape[1])
+            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers, kernel:
                 out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
                                labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
