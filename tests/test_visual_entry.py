@@ -17,10 +17,10 @@ QA = [{"role": "user", "content": "<image>\nwhat color is the shape?"}, {"role":
 QB = [{"role": "user", "content": "is it round? <image>"}, {"role": "assistant", "content": "yes"}]
 
 
-def _model(tiny_config, entry=1, integrator="mlp"):
+def _model(tiny_config, entry=1, integrator="mlp", **options):
     config = copy.deepcopy(tiny_config)
     config.visual_entry_layer = entry
-    config.integrator = IntegratorSpec(name=integrator)
+    config.integrator = IntegratorSpec(name=integrator, options=options)
     torch.manual_seed(0)
     return VisionLanguageModel.from_config(config).eval()
 
@@ -95,8 +95,16 @@ def test_generation_with_a_kv_cache_matches_greedy_full_forward_passes(tiny_conf
     assert not any(h._forward_pre_hooks for h in decoder_layers(base_llm(model.llm), "test"))  # hook removed
 
 
-def test_the_text_state_cache_skips_the_layers_below_the_entry(tiny_config, example_image):
-    model = _model(tiny_config, entry=1).train()
+@pytest.mark.parametrize("integrator, options", [("mlp", {}), ("gated_xattn", {"every": 1}),
+                                                 ("lavin_mma", {"dropout": 0.0})])
+def test_the_text_state_cache_skips_the_layers_below_the_entry(tiny_config, example_image, integrator, options):
+    """In-LLM integrators put their modules at the entry layer and above, so the cache skips the layers below
+    for them too."""
+    model = _model(tiny_config, entry=1, integrator=integrator, **options).train()
+    if integrator != "mlp":
+        assert model.integrator.llm_layers() == [1]
+        for p in model.integrator.parameters():  # open the zero-init gates: the modules must act on the loss
+            torch.nn.init.normal_(p, std=0.3)
     cut, why = frozen_text_layers(model)
     assert cut == 1 and "enter at layer 1" in why
     batch = model.prepare_batch([QA, QB], [[example_image], [example_image]])

@@ -87,7 +87,7 @@ class VisionLanguageModel(nn.Module):
         context = IntegratorContext(
             vision_dim=encoder.feature_dim, num_input_tokens=encoder.num_tokens, grid=encoder.grid,
             has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
-            text_embedding_norm=_text_scale(config, llm, tokenizer),
+            text_embedding_norm=_text_scale(config, llm, tokenizer), entry_layer=_configured_entry(config, llm),
         )
         integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
         if config.peft.method == "none":
@@ -661,11 +661,18 @@ def _entry_layer(config: ModelConfig, integrator: Integrator, llm: nn.Module) ->
     (LLaMA-Adapter's prompts) has nothing to move: 0, so one recipe can be tried with every family."""
     if not config.visual_entry_layer or not integrator.num_tokens:
         return 0
-    from .integrators.llm_layers import decoder_layers
-
     if virtual_tokens(llm):
         raise ConfigError("model.visual_entry_layer cannot be combined with PEFT virtual tokens (prompt or prefix "
                           "tuning): they shift the sequence inside the LLM")
+    return _configured_entry(config, llm)
+
+
+def _configured_entry(config: ModelConfig, llm: nn.Module) -> int:
+    """`model.visual_entry_layer` as a decoder-layer index (0 when not set)."""
+    if not config.visual_entry_layer:
+        return 0
+    from .integrators.llm_layers import decoder_layers
+
     return resolve_entry_layer(config.visual_entry_layer, len(decoder_layers(base_llm(llm), "visual_entry_layer")))
 
 
@@ -673,9 +680,7 @@ def _text_scale(config: ModelConfig, llm: nn.Module, tokenizer) -> float:
     """The norm visual tokens should have where they enter: the text embeddings', or ordinary text's hidden
     states entering `visual_entry_layer`."""
     if config.visual_entry_layer:
-        from .integrators.llm_layers import decoder_layers
-
-        layer = resolve_entry_layer(config.visual_entry_layer, len(decoder_layers(base_llm(llm), "visual_entry_layer")))
+        layer = _configured_entry(config, llm)
         norm = hidden_norm_at(llm, tokenizer, layer)
         if norm is not None:
             return norm

@@ -71,7 +71,8 @@ def visual_entry(llm: nn.Module, layer: int, visual: torch.Tensor, slots: torch.
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = target.register_forward_pre_hook(enter, with_kwargs=True)
+    # prepended: the tokens are in place before an in-LLM integrator's own module at this layer reads the sequence
+    handle = target.register_forward_pre_hook(enter, with_kwargs=True, prepend=True)
     try:
         yield
     finally:

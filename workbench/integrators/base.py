@@ -34,6 +34,9 @@ class IntegratorContext:
     """The LLM's transformers config, for in-LLM integrators that need layer counts and heads."""
     text_embedding_norm: float | None = None
     """Mean L2 norm of the LLM's input embedding rows: the scale visual tokens should live at."""
+    entry_layer: int = 0
+    """The lowest decoder layer the image reaches (`model.visual_entry_layer`, resolved): visual tokens enter
+    there, and in-LLM integrators put their modules at it and above, so the layers below see only text."""
 
 
 @dataclass(eq=False)

@@ -100,7 +100,8 @@ class GatedCrossAttention(InLLMIntegrator):
 
     Options:
         num_latents: resampled latents per image the LLM reads (at least 1)
-        every: a gated cross-attention block before every k-th LLM layer (at least 1)
+        every: a gated cross-attention block before every k-th LLM layer, counted from the layer where the image
+            enters (`model.visual_entry_layer`; 0 = the first) (at least 1)
         hidden_dim: width of the resampler and the blocks; empty = min(LLM width, 256) (at least 1)
         num_heads: attention heads (at least 1)
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
@@ -119,7 +120,7 @@ class GatedCrossAttention(InLLMIntegrator):
         if dim % num_heads:
             raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_llm_layers = shape.num_layers
-        self.block_layers = list(range(0, shape.num_layers, every))
+        self.block_layers = list(range(context.entry_layer, shape.num_layers, every))
         self.resampler = LatentResampler(context.vision_dim, context.num_input_tokens, dim, num_latents, num_heads,
                                          ffn_mult, resampler_depth)
         self.blocks = nn.ModuleDict({str(i): GatedCrossAttentionBlock(context.llm_hidden, dim, num_heads, ffn_mult)

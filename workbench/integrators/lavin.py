@@ -72,7 +72,8 @@ class LaVINAdapter(InLLMIntegrator):
 
     Options:
         bottleneck: width of each adapter's bottleneck (at least 1)
-        layers: adapted LLM layers: all, or k for every k-th layer
+        layers: adapted LLM layers: all, or k for every k-th layer, from the layer where the image enters
+            (`model.visual_entry_layer`; 0 = the first)
         positions: adapters on the self-attention input, the MLP input or both
         temperature: softmax temperature of the modality router (at least 0.001)
         activation: nonlinearity inside the adapters
@@ -108,7 +109,7 @@ class LaVINAdapter(InLLMIntegrator):
             if every < 1:
                 raise ValueError("layers (every k-th layer) must be at least 1")
         self.num_llm_layers = shape.num_layers
-        self.adapted_layers = list(range(0, shape.num_layers, every))
+        self.adapted_layers = list(range(context.entry_layer, shape.num_layers, every))
         self.positions = _POSITIONS[positions]
         dim = context.llm_hidden
         self.proj = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
