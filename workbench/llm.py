@@ -321,7 +321,7 @@ def training_attention(device: torch.device | str, seq_len: int):
 
     PyTorch's CPU flash-attention kernel is tiled for long sequences; for the few dozen to ~150 tokens of a
     short-answer sample its backward pass costs more than the whole plain softmax(QKᵀ)V it replaces, and it is
-    the largest item of a training step there (bench/train_throughput.py). Longer sequences, GPUs and passes
+    the largest item of a training step there (bench/cpu_attention_kernel.py). Longer sequences, GPUs and passes
     without gradients keep sdpa's choice.
     """
     if torch.device(device).type != "cpu" or seq_len > SHORT_SEQUENCE or not torch.is_grad_enabled():
