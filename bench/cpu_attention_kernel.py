@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,9 +55,7 @@ def recipe_steps(steps: int, reps: int) -> dict[str, list[float]]:
     from workbench.data.loaders import load_dataset_spec
     from workbench.llm import autocast, training_precision
     from workbench.model import VisionLanguageModel
-    from workbench.training.feature_cache import FeatureCache
     from workbench.training.text_state_cache import TextStateCache, frozen_text_layers
-    from workbench.training.trainer import Trainer
 
     torch.manual_seed(0)
     run = load_run_config(C.REPO / RECIPE)
@@ -66,10 +63,13 @@ def recipe_steps(steps: int, reps: int) -> dict[str, list[float]]:
     model.set_trainable(integrator=True)
     model.train()
     data = load_dataset_spec(run.data.kind, **{**run.data.options, "limit": steps * 16})
-    with tempfile.TemporaryDirectory() as tmp:  # the trainer's batch builder: its exact inputs, features cached
-        helper = Trainer(run, tmp, model=model)
-        helper.cache = FeatureCache(model.encoder)
-        batches = [helper._batch([data[i] for i in range(s, s + 16)]) for s in range(0, steps * 16, 16)]
+    batches = []
+    for start in range(0, steps * 16, 16):  # features computed once, as the trainer's feature cache gives them
+        samples = [data[i] for i in range(start, start + 16)]
+        batch = model.prepare_batch([s.messages for s in samples], [s.images for s in samples])
+        with torch.no_grad():
+            batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
+        batches.append(batch)
     cut, _ = frozen_text_layers(model)
     cache = TextStateCache(model, cut)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

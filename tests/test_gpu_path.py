@@ -580,6 +580,8 @@ def test_bf16_features_are_cached_without_overflow(tmp_path):
     assert torch.equal(again.float(), expected.float())
     forced = FeatureCache(_Bf16Encoder(), root=tmp_path / "f16", dtype=torch.float16).get([image])[0]
     assert torch.isfinite(forced).all()  # asked for fp16, but not where it would overflow
+
+
 def test_training_attention_uses_the_math_kernel_only_for_short_cpu_passes_with_gradients():
     from workbench.llm import SHORT_SEQUENCE, training_attention
 

@@ -84,10 +84,11 @@ class VisionLanguageModel(nn.Module):
         encoder = shared.get("encoder") or build_encoder(config.encoder)
         llm_dtype = next(llm.parameters()).dtype
         encoder.to(device=dev, dtype=llm_dtype if encoder.frozen else torch.float32)
+        entry = _configured_entry(config, llm)
         context = IntegratorContext(
             vision_dim=encoder.feature_dim, num_input_tokens=encoder.num_tokens, grid=encoder.grid,
             has_cls=encoder.keeps_cls, llm_hidden=llm.get_input_embeddings().embedding_dim, llm_config=llm.config,
-            text_embedding_norm=_text_scale(config, llm, tokenizer), entry_layer=_configured_entry(config, llm),
+            text_embedding_norm=_text_scale(entry, llm, tokenizer), entry_layer=entry,
         )
         integrator = build_integrator(config.integrator, context).to(dev)  # fp32 master weights
         if config.peft.method == "none":
@@ -676,12 +677,11 @@ def _configured_entry(config: ModelConfig, llm: nn.Module) -> int:
     return resolve_entry_layer(config.visual_entry_layer, len(decoder_layers(base_llm(llm), "visual_entry_layer")))
 
 
-def _text_scale(config: ModelConfig, llm: nn.Module, tokenizer) -> float:
-    """The norm visual tokens should have where they enter: the text embeddings', or ordinary text's hidden
-    states entering `visual_entry_layer`."""
-    if config.visual_entry_layer:
-        layer = _configured_entry(config, llm)
-        norm = hidden_norm_at(llm, tokenizer, layer)
+def _text_scale(entry: int, llm: nn.Module, tokenizer) -> float:
+    """The norm visual tokens should have where they enter (decoder layer `entry`): the text embeddings', or
+    ordinary text's hidden states entering that layer."""
+    if entry:
+        norm = hidden_norm_at(llm, tokenizer, entry)
         if norm is not None:
             return norm
     return _text_embedding_norm(llm)
