@@ -99,6 +99,21 @@ def seconds_per_step(rows: list[dict]) -> float:
     return C.median(windows) if windows else float("nan")
 
 
+def checkpoint_points(run_dir: Path, start: float, every_minutes: float) -> list[tuple[float, Path]]:
+    """(training seconds, model dir) of checkpoints about `every_minutes` apart, plus the final model."""
+    rows = metrics(run_dir)
+    points, next_mark = [], every_minutes * 60
+    for r in rows:
+        if r["kind"] == "checkpoint" and r["time"] - start >= next_mark - 30:
+            ckpt = run_dir / "checkpoints" / r["path"] / "model"
+            if ckpt.is_dir():
+                points.append((r["time"] - start, ckpt))
+                next_mark = r["time"] - start + every_minutes * 60
+    end = next(r["time"] for r in reversed(rows) if r["kind"] == "end")
+    points.append((end - start, run_dir / "model"))
+    return points
+
+
 def evaluate(model_dir: Path, limit: int | None, text_only: bool = False, batch_size: int = 64) -> dict:
     """Accuracy of a saved model on the easy-VQA test split (all 9,673 questions unless `limit`)."""
     from workbench.config import DataSpec

@@ -39,21 +39,6 @@ PARADIGM_CONFIGS = {"single-stage": "examples/configs/single_stage_easyvqa.yaml"
 STATE = C.BENCH_DIR / ".ttacc"
 
 
-def _checkpoint_points(run_dir: Path, start: float, every_minutes: float) -> list[tuple[float, Path]]:
-    """(training seconds, model dir) of checkpoints about `every_minutes` apart, plus the final model."""
-    rows = R.metrics(run_dir)
-    points, next_mark = [], every_minutes * 60
-    for r in rows:
-        if r["kind"] == "checkpoint" and r["time"] - start >= next_mark - 30:
-            ckpt = run_dir / "checkpoints" / r["path"] / "model"
-            if ckpt.is_dir():
-                points.append((r["time"] - start, ckpt))
-                next_mark = r["time"] - start + every_minutes * 60
-    end = next(r["time"] for r in reversed(rows) if r["kind"] == "end")
-    points.append((end - start, run_dir / "model"))
-    return points
-
-
 def _save(part: str, data: dict) -> None:
     STATE.mkdir(exist_ok=True)
     (STATE / f"{part}.json").write_text(json.dumps(data, indent=2, default=str))
@@ -75,7 +60,7 @@ def part_headline(args) -> None:
         run_dir = Path(run["run_dir"])
         rows = R.metrics(run_dir)
         points = []
-        marks = _checkpoint_points(run_dir, started, args.every)
+        marks = R.checkpoint_points(run_dir, started, args.every)
         for k, (seconds, model_dir) in enumerate(marks):  # the final model on the full split, checkpoints on a subset
             result = R.evaluate(model_dir, args.limit if k == len(marks) - 1 else args.checkpoint_limit)
             points.append({"train_s": seconds, **result})

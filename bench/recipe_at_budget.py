@@ -9,6 +9,9 @@ questions (seeded subset; 0 = all 9,673). For trying one change to a recipe at a
         --set training.batch_size=8
     .venv/bin/python bench/recipe_at_budget.py examples/configs/direct_lora_easyvqa.yaml --integrator qformer
 
+`--every M` also keeps a checkpoint every M minutes and evaluates each (`--checkpoint-limit` questions): the
+learning curve of one run, e.g. when yes/no leaves the text prior.
+
 Prints optimizer steps, seconds per step, the text-state cache's cut and hit rate, accuracy by question type,
 and `RESULT recipe_accuracy <accuracy> target >=0.90` last.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,23 +36,35 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget, spread over the stages")
     parser.add_argument("--limit", type=int, default=1000, help="test questions (0: all 9,673)")
     parser.add_argument("--integrator", help="use this integrator (its default options) instead of the config's")
+    parser.add_argument("--every", type=float, help="minutes between evaluated checkpoints (default: none)")
+    parser.add_argument("--checkpoint-limit", type=int, default=500, help="test questions per earlier checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = parser.parse_args()
     C.setup_environment()
-    config = R.with_budget(R.read_yaml(C.REPO / args.config), args.minutes)
+    config = R.with_budget(R.read_yaml(C.REPO / args.config), args.minutes, checkpoint_minutes=args.every)
     with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
         tmp = Path(tmp)
         extra = (["--integrator", args.integrator] if args.integrator else []) + [
             a for kv in args.set for a in ("--set", kv)]
+        started = time.time()
         run = R.train(config, tmp, R.fresh_home(tmp), Path(args.config).stem, extra)
         run_dir = Path(run["run_dir"])
         rows = R.metrics(run_dir)
+        curve = []
+        if args.every:
+            steps_at = [(r["time"], r["step"]) for r in rows if r["kind"] == "train"]
+            for seconds, model_dir in R.checkpoint_points(run_dir, started, args.every)[:-1]:
+                step = max((s for t, s in steps_at if t - started <= seconds), default=0)
+                curve.append((seconds / 60, step, R.evaluate(model_dir, args.checkpoint_limit)))
         result = R.evaluate(run_dir / "model", args.limit)
     steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
     cache = [r for r in rows if r["kind"] == "text_state_cache"]
     print(f"machine: {C.machine_line()}")
     print(f"{args.config} {' '.join(extra)}: {args.minutes:g} min, {steps} optimizer steps, "
           f"{R.seconds_per_step(rows):.2f} s/step, wall {run['wall_s']:.0f} s")
+    for minutes, step, r in curve:
+        print(f"checkpoint {minutes:.1f} min, step {step}: {100 * r['accuracy']:.2f}% on {args.checkpoint_limit} "
+              f"questions (yes/no, colour, shape: {', '.join(R.by_type(r))})")
     if cache:
         print("text-state cache: " + ", ".join(f"{k} {cache[-1][k]}" for k in ("cut", "hit_rate", "entries")
                                                if k in cache[-1]))
