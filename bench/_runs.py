@@ -50,6 +50,9 @@ def with_budget(config: dict, minutes: float | None, *, text_only: bool = False,
         for s in stages:
             s.max_steps = None
             s.epochs = max(s.epochs, 50.0)  # the clock, not the data, ends the stage
+    for s in stages:  # a stage on the run's own data names none, so `--set data.…` still reaches it
+        if s.data == run.data:
+            s.data = None
     run.stages = stages
     run.text_only = text_only
     run.eval_data = None  # evaluation happens afterwards, outside the training budget
