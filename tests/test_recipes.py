@@ -1,5 +1,6 @@
 """The recipe catalog (examples and saved runs, summaries, measured accuracy) and edits applied to a recipe."""
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,28 @@ def test_edits_apply_to_a_copy_and_are_validated():
                            ({"batch_size": 2.5}, "whole number")):
         with pytest.raises(ConfigError, match=message):
             apply_edits(fast, edits)
+
+
+def test_a_budgeted_benchmark_recipe_still_takes_data_overrides(monkeypatch):
+    """bench/_runs.with_budget writes the resolved stages into the config; a stage on the run's own data must not
+    freeze that data, or `recipe_at_budget.py --set data.…` trains on the recipe's data while saying otherwise."""
+    import importlib.util
+
+    from workbench.config import RunConfig, apply_overrides, from_dict
+    from workbench.paradigms import resolve_stages
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_runs_budget_test", bench / "_runs.py")
+    runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+
+    def stages_after(name, overrides):
+        config = apply_overrides(runs.with_budget(runs.read_yaml(EXAMPLES / name), 10), overrides)
+        return resolve_stages(from_dict(RunConfig, config).validate())
+
+    (adapt,) = stages_after("direct_lora_easyvqa.yaml", ["data.options.limit=null"])
+    assert adapt.data.options.get("limit") is None and adapt.max_minutes == 10  # the full split
+    align, instruct = stages_after("two_stage_easyvqa.yaml", ["data.options.limit=7"])
+    assert align.data.kind == "emoji-captions" and instruct.data.options.get("limit") == 4000  # their own data
+    assert align.max_minutes + instruct.max_minutes == pytest.approx(10)
