@@ -102,18 +102,25 @@ def seconds_per_step(rows: list[dict]) -> float:
     return C.median(windows) if windows else float("nan")
 
 
-def checkpoint_points(run_dir: Path, start: float, every_minutes: float) -> list[tuple[float, Path]]:
-    """(training seconds, model dir) of checkpoints about `every_minutes` apart, plus the final model."""
+def steps_taken(rows: list[dict]) -> int:
+    """Optimizer steps of the run (training rows are logged every few steps; budget stops and checkpoints carry
+    the exact step)."""
+    return max((r["step"] for r in rows if r["kind"] in ("train", "time_budget", "checkpoint")), default=0)
+
+
+def checkpoint_points(run_dir: Path, start: float, every_minutes: float) -> list[tuple[float, int, Path]]:
+    """(training seconds, optimizer step, model dir) of checkpoints about `every_minutes` apart, plus the final
+    model."""
     rows = metrics(run_dir)
     points, next_mark = [], every_minutes * 60
     for r in rows:
         if r["kind"] == "checkpoint" and r["time"] - start >= next_mark - 30:
             ckpt = run_dir / "checkpoints" / r["path"] / "model"
             if ckpt.is_dir():
-                points.append((r["time"] - start, ckpt))
+                points.append((r["time"] - start, r["step"], ckpt))
                 next_mark = r["time"] - start + every_minutes * 60
     end = next(r["time"] for r in reversed(rows) if r["kind"] == "end")
-    points.append((end - start, run_dir / "model"))
+    points.append((end - start, steps_taken(rows), run_dir / "model"))
     return points
 
 

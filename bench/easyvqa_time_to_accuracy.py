@@ -61,7 +61,7 @@ def part_headline(args) -> None:
         rows = R.metrics(run_dir)
         points = []
         marks = R.checkpoint_points(run_dir, started, args.every)
-        for k, (seconds, model_dir) in enumerate(marks):  # the final model on the full split, checkpoints on a subset
+        for k, (seconds, _step, model_dir) in enumerate(marks):  # the final model on the full split, checkpoints on a subset
             result = R.evaluate(model_dir, args.limit if k == len(marks) - 1 else args.checkpoint_limit)
             points.append({"train_s": seconds, **result})
             print(f"  {seconds / 60:5.1f} min  accuracy {result['accuracy']:.4f}  {result['by_type']}  "

@@ -9,8 +9,10 @@ questions (seeded subset; 0 = all 9,673). For trying one change to a recipe at a
         --set training.batch_size=8
     .venv/bin/python bench/recipe_at_budget.py examples/configs/direct_lora_easyvqa.yaml --integrator qformer
 
-`--every M` also keeps a checkpoint every M minutes and evaluates each (`--checkpoint-limit` questions): the
-learning curve of one run, e.g. when yes/no leaves the text prior.
+`--shipped` keeps the recipe's own budget instead (the recipe as a user launches it). `--every M` also keeps a
+checkpoint every M minutes and evaluates each (`--checkpoint-limit` questions): the learning curve of one run,
+e.g. when yes/no leaves the text prior. `--keep DIR` copies the trained model there, for
+bench/easyvqa_yes_no.py and bench/attention_localisation.py.
 
 Prints optimizer steps, seconds per step, the text-state cache's cut and hit rate, accuracy by question type,
 and `RESULT recipe_accuracy <accuracy> target >=0.90` last.
@@ -33,15 +35,19 @@ TARGET = 0.90
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="run config YAML (examples/configs/)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget, spread over the stages")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=10.0, help="training budget, spread over the stages")
+    budget.add_argument("--shipped", action="store_true", help="keep the recipe's own budget")
     parser.add_argument("--limit", type=int, default=1000, help="test questions (0: all 9,673)")
     parser.add_argument("--integrator", help="use this integrator (its default options) instead of the config's")
     parser.add_argument("--every", type=float, help="minutes between evaluated checkpoints (default: none)")
     parser.add_argument("--checkpoint-limit", type=int, default=500, help="test questions per earlier checkpoint")
+    parser.add_argument("--keep", help="copy the trained model to this folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = parser.parse_args()
     C.setup_environment()
-    config = R.with_budget(R.read_yaml(C.REPO / args.config), args.minutes, checkpoint_minutes=args.every)
+    minutes = None if args.shipped else args.minutes
+    config = R.with_budget(R.read_yaml(C.REPO / args.config), minutes, checkpoint_minutes=args.every)
     with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
         tmp = Path(tmp)
         extra = (["--integrator", args.integrator] if args.integrator else []) + [
@@ -52,15 +58,20 @@ def main() -> int:
         rows = R.metrics(run_dir)
         curve = []
         if args.every:
-            steps_at = [(r["time"], r["step"]) for r in rows if r["kind"] == "train"]
-            for seconds, model_dir in R.checkpoint_points(run_dir, started, args.every)[:-1]:
-                step = max((s for t, s in steps_at if t - started <= seconds), default=0)
+            for seconds, step, model_dir in R.checkpoint_points(run_dir, started, args.every)[:-1]:
                 curve.append((seconds / 60, step, R.evaluate(model_dir, args.checkpoint_limit)))
         result = R.evaluate(run_dir / "model", args.limit)
-    steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
+        if args.keep:
+            import shutil
+
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(run_dir / "model", args.keep)
+    steps = R.steps_taken(rows)
+    trained = (rows[-1]["time"] - started) / 60 if rows else float("nan")
     cache = [r for r in rows if r["kind"] == "text_state_cache"]
     print(f"machine: {C.machine_line()}")
-    print(f"{args.config} {' '.join(extra)}: {args.minutes:g} min, {steps} optimizer steps, "
+    budget = "its own budget" if args.shipped else f"{args.minutes:g} min"
+    print(f"{args.config} {' '.join(extra)}: {budget} ({trained:.1f} min to the saved model), {steps} optimizer steps, "
           f"{R.seconds_per_step(rows):.2f} s/step, wall {run['wall_s']:.0f} s")
     for minutes, step, r in curve:
         print(f"checkpoint {minutes:.1f} min, step {step}: {100 * r['accuracy']:.2f}% on {args.checkpoint_limit} "

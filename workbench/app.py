@@ -29,7 +29,7 @@ EXAMPLES = REPO / "examples" / "images"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "50mb"
 WITHHELD = "same model, images withheld"
-DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train", "limit": 2000}, "emoji-captions": {},
+DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train"}, "emoji-captions": {},
                         "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
                         "captions": {"folder_or_file": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
                         "hf": {"name_or_path": "org/dataset", "split": "train"}}
