@@ -128,8 +128,8 @@ def test_a_budgeted_benchmark_recipe_still_takes_data_overrides(monkeypatch):
         config = apply_overrides(runs.with_budget(runs.read_yaml(EXAMPLES / name), 10), overrides)
         return resolve_stages(from_dict(RunConfig, config).validate())
 
-    (adapt,) = stages_after("direct_lora_easyvqa.yaml", ["data.options.limit=null"])
-    assert adapt.data.options.get("limit") is None and adapt.max_minutes == 10  # the full split
+    (adapt,) = stages_after("direct_lora_easyvqa.yaml", ["data.options.limit=123"])
+    assert adapt.data.options.get("limit") == 123 and adapt.max_minutes == 10
     align, instruct = stages_after("two_stage_easyvqa.yaml", ["data.options.limit=7"])
     assert align.data.kind == "emoji-captions" and instruct.data.options.get("limit") == 4000  # their own data
     assert align.max_minutes + instruct.max_minutes == pytest.approx(10)

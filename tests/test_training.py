@@ -210,44 +210,6 @@ def test_a_time_budget_stops_the_stage_and_anneals_the_learning_rate(tiny_config
         RunConfig(stages=[StageSpec(max_minutes=0)]).validate()
 
 
-def test_warmup_stable_decay_holds_the_peak_rate_until_its_decay_share():
-    """`training.lr_schedule: wsd`, by steps (transformers' schedule) and by a time budget's progress: the rate
-    holds the peak after warmup, decays over the last `decay_ratio` only, and ends at 0; cosine is below it."""
-    from workbench.training.trainer import _budget_schedule
-
-    def rates(make, steps=100):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched, out = make(opt), []
-        for _ in range(steps):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
-
-    for spent in (lambda: 0.0, None):  # by steps (no clock), and by a clock that runs ahead of the steps
-        clock = {"step": 0}
-
-        def progress():
-            clock["step"] += 1
-            return clock["step"] / 50  # the time budget ends at half the steps
-
-        wsd = rates(lambda o: _budget_schedule(o, 0.05, 100, spent or progress, "wsd", 0.2))
-        cos = rates(lambda o: _budget_schedule(o, 0.05, 100, lambda: 0.0))
-        end = 100 if spent else 50
-        assert wsd[int(0.1 * end)] == pytest.approx(1.0) and wsd[int(0.75 * end)] == pytest.approx(1.0)
-        assert 0.0 < wsd[int(0.9 * end)] < 0.75 and min(wsd[end - 1:]) < 0.06
-        if spent:
-            assert all(c <= w + 1e-9 for c, w in zip(cos[10:], wsd[10:]))
-    run = RunConfig(training=TrainingSpec(lr_schedule="wsd", decay_ratio=0.2)).validate()
-    trainer = Trainer.__new__(Trainer)
-    trainer.run = run
-    by_steps = rates(lambda o: trainer._schedule(o, 100, None))
-    assert by_steps[50] == pytest.approx(1.0) and by_steps[90] == pytest.approx(0.5, abs=0.06)
-    for bad in (dict(lr_schedule="step"), dict(decay_ratio=0.0), dict(decay_ratio=1.5)):
-        with pytest.raises(ConfigError, match="lr_schedule|decay_ratio"):
-            RunConfig(training=TrainingSpec(**bad)).validate()
-
-
 SMALL = {"hidden_dim": 16, "depth": 1, "num_layers": 2, "num_heads": 2, "num_queries": 4, "num_latents": 4,
          "num_tokens": 4, "bottleneck": 4, "proj_hidden": 16, "prompt_length": 4}
 """Small widths for whichever of these options a family takes (a new family too): the trainer's treatment of a

@@ -32,7 +32,8 @@ WITHHELD = "same model, images withheld"
 DEFAULT_DATA_OPTIONS = {"easy-vqa": {"split": "train"}, "emoji-captions": {},
                         "llava": {"json_path": "path/to/data.json", "image_folder": "path/to/images"},
                         "captions": {"folder_or_file": "path/to/folder"}, "image-table": {"csv_path": "path/to/questions.csv"},
-                        "hf": {"name_or_path": "org/dataset", "split": "train"}}
+                        "hf": {"name_or_path": "org/dataset", "split": "train"},
+                        "task-captions": {"source": {"kind": "easy-vqa", "options": {"split": "train"}}}}
 """Starting points for the loader options box; the kinds themselves come from the data registry."""
 EVAL_DATA_OPTIONS = {**{k: {o: v for o, v in opts.items() if o != "limit"} for k, opts in DEFAULT_DATA_OPTIONS.items()},
                      "easy-vqa": {"split": "test"}}

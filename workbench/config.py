@@ -314,10 +314,6 @@ class TrainingSpec:
     batch_size: int = 16
     grad_accum: int = 1
     warmup_ratio: float = 0.03
-    lr_schedule: str = "cosine"
-    """cosine (decay over the whole stage) or wsd (warmup-stable-decay: the peak rate holds until the last
-    `decay_ratio` of the stage, then falls linearly to 0; more steps at a high rate in the same budget)."""
-    decay_ratio: float = 0.2
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -371,10 +367,6 @@ class RunConfig:
         if t.gradient_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"training.gradient_checkpointing must be auto, true or false, not "
                               f"{t.gradient_checkpointing!r}")
-        if t.lr_schedule not in ("cosine", "wsd"):
-            raise ConfigError(f"training.lr_schedule must be cosine or wsd, not '{t.lr_schedule}'")
-        if not 0.0 < t.decay_ratio <= 1.0:
-            raise ConfigError(f"training.decay_ratio must be above 0 and at most 1, not {t.decay_ratio}")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision must be auto, fp32, bf16 or fp16, not '{t.precision}'")
         for spec in [self.data] + [s.data for s in self.stages or [] if s.data is not None]:

@@ -203,19 +203,13 @@ class Trainer:
         return s
 
     def _schedule(self, optimizer, total_updates: int, budget: float | None):
-        """Warmup, then cosine or warmup-stable-decay (`training.lr_schedule`), over the updates, or over the time
-        budget's progress when the stage has one."""
-        from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
+        """Warmup + cosine over the updates, or over the time budget's progress when the stage has one."""
+        from transformers import get_cosine_schedule_with_warmup
 
-        t = self.run.training
-        if budget is not None:
-            return _budget_schedule(optimizer, t.warmup_ratio, total_updates, lambda: self._stage_seconds / budget,
-                                    t.lr_schedule, t.decay_ratio)
-        warmup = int(t.warmup_ratio * total_updates)
-        if t.lr_schedule == "wsd":
-            decay = max(1, int(t.decay_ratio * total_updates))
-            return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total_updates, decay_type="linear")
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_updates)
+        warmup_ratio = self.run.training.warmup_ratio
+        if budget is None:
+            return get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * total_updates), total_updates)
+        return _budget_schedule(optimizer, warmup_ratio, total_updates, lambda: self._stage_seconds / budget)
 
     def _train_batch(self, s: "_Stage", b: int, idx: torch.Tensor, epoch_batches: int) -> bool:
         """One batch: stop on cancel (with a checkpoint) or on the time budget, else a step and what follows an
@@ -523,19 +517,16 @@ def _epoch_order(n: int, weights: torch.Tensor | None, seed: int) -> torch.Tenso
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
-def _budget_schedule(optimizer, warmup_ratio: float, total: int, spent: Callable[[], float],
-                     shape: str = "cosine", decay_ratio: float = 0.2):
-    """Warmup, then cosine or warmup-stable-decay (`shape`), over the stage's progress, measured by whichever runs
-    out first: the steps or the time budget. Warmup is a share of that progress too, so a time-limited stage with
-    a generous step count does not spend its budget warming up."""
+def _budget_schedule(optimizer, warmup_ratio: float, total: int, spent: Callable[[], float]):
+    """Warmup + cosine over the stage's progress, measured by whichever runs out first: the steps or the
+    time budget. Warmup is a share of that progress too, so a time-limited stage with a generous step
+    count does not spend its budget warming up."""
     from torch.optim.lr_scheduler import LambdaLR
 
     def factor(step: int) -> float:
         progress = min(1.0, max(step / max(1, total), spent()))
         if progress < warmup_ratio:
             return max(progress / warmup_ratio, 1e-3)
-        if shape == "wsd":
-            return min(1.0, (1.0 - progress) / decay_ratio)
         return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup_ratio) / max(1e-9, 1.0 - warmup_ratio)))
 
     return LambdaLR(optimizer, factor)
