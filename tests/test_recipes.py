@@ -71,7 +71,7 @@ def test_catalog_lists_examples_and_saved_runs_and_survives_broken_files(example
                                    "layers 22–29) · llama_adapter on mobilenet_v2")
     assert "budget 15 min" in fast.summary and "measured: 99.69%" in fast.summary
     assert "align trains integrator; instruct trains integrator + lora (r=8" in two.summary
-    assert "align: emoji-captions (limit=2000)" in two.summary and "measured: not measured" in two.summary
+    assert "align: task-captions (source=easy-vqa (split=train))" in two.summary and "measured: not measured" in two.summary
     with pytest.raises(ConfigError, match="cannot be launched"):
         find_recipe(recipes, "examples/broken.yaml")
 
@@ -99,8 +99,8 @@ def test_edits_apply_to_a_copy_and_are_validated():
     edited = apply_edits(fast, {"stages": rows, "budget": 15})
     assert (edited.stages[0].epochs, edited.stages[0].max_minutes, edited.stages[0].lr) == (2, None, 5e-4)
     two = find_recipe(recipe_catalog(None), "examples/two_stage_easyvqa.yaml").run
-    split = apply_edits(two, {"budget": 20})  # the recipe's own 2 + 8 minutes, scaled
-    assert [s.max_minutes for s in split.stages] == [4, 16]
+    split = apply_edits(two, {"budget": 10})  # the recipe's own 4 + 16 minutes, scaled
+    assert [s.max_minutes for s in split.stages] == [2, 8]
     for edits, message in (({"stages": [["adapt", "", "", -1, 0, 1e-3, 1e-3]]}, "epochs must be at least 0"),
                            ({"stages": [["adapt", "", "", "many", 0, 1e-3, 1e-3]]}, "epochs must be a number"),
                            ({"stages": rows * 2}, "1 stage"), ({"peft_r": 0}, "'r' of PEFT method lora"),
@@ -131,5 +131,6 @@ def test_a_budgeted_benchmark_recipe_still_takes_data_overrides(monkeypatch):
     (adapt,) = stages_after("direct_lora_easyvqa.yaml", ["data.options.limit=123"])
     assert adapt.data.options.get("limit") == 123 and adapt.max_minutes == 10
     align, instruct = stages_after("two_stage_easyvqa.yaml", ["data.options.limit=7"])
-    assert align.data.kind == "emoji-captions" and instruct.data.options.get("limit") == 4000  # their own data
+    assert align.data.kind == "task-captions" and "limit" not in align.data.options  # its own data
+    assert instruct.data.options.get("limit") == 7
     assert align.max_minutes + instruct.max_minutes == pytest.approx(10)

@@ -144,13 +144,22 @@ def budget_text(run: RunConfig) -> str:
 
 def data_text(run: RunConfig) -> str:
     def one(spec: DataSpec) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
-        return spec.kind + (f" ({options})" if options else "")
+        return described(spec.kind, spec.options)
+
+    def described(kind: str, options: dict) -> str:
+        text = ", ".join(f"{k}={described(v['kind'], v.get('options') or {}) if _names_data(v) else v}"
+                         for k, v in options.items())
+        return kind + (f" ({text})" if text else "")
 
     from .paradigms import resolve_stages
 
     own = [f"{s.name}: {one(s.data)}" for s in resolve_stages(run) if s.data != run.data]
     return "; ".join([one(run.data)] + own)
+
+
+def _names_data(value: Any) -> bool:
+    """A loader option that names other data (task-captions' `source`)."""
+    return isinstance(value, dict) and isinstance(value.get("kind"), str) and isinstance(value.get("options", {}), dict)
 
 
 # ------------------------------------------------------------------------------------------------ measured
