@@ -7,7 +7,8 @@ few minutes (or reads a saved model), answers the yes/no test questions, and spl
 questions where the prior is right and where it is wrong. Only the second column shows seeing: the target is
 better than chance (> 50%) where the prior is wrong.
 
-Run: .venv/bin/python bench/easyvqa_yes_no.py [--quick] [--minutes 5] [--model SAVED_MODEL_DIR] [--limit 1200]
+Run: .venv/bin/python bench/easyvqa_yes_no.py [--quick] [--minutes 5] [--model SAVED_MODEL_DIR [--about TEXT]]
+     [--limit 1200]
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1-minute training, 300 questions")
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget when no --model is given")
     parser.add_argument("--model", help="analyse this saved model instead of training one")
+    parser.add_argument("--about", help="how --model was trained, for bench/RESULTS.md (instead of its path)")
     parser.add_argument("--limit", type=int, default=1200, help="yes/no test questions (0: all 7,136)")
     args = parser.parse_args()
     if args.quick:
@@ -81,7 +83,7 @@ def main() -> int:
     C.setup_environment()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            model_dir, trained = Path(args.model), f"saved model `{args.model}`"
+            model_dir, trained = Path(args.model), args.about or f"saved model `{args.model}`"
         else:
             config = R.with_budget(R.read_yaml(C.REPO / CONFIG), args.minutes)
             run = R.train(config, Path(tmp), R.fresh_home(Path(tmp)), "yes-no")

@@ -99,8 +99,8 @@ def test_edits_apply_to_a_copy_and_are_validated():
     edited = apply_edits(fast, {"stages": rows, "budget": 15})
     assert (edited.stages[0].epochs, edited.stages[0].max_minutes, edited.stages[0].lr) == (2, None, 5e-4)
     two = find_recipe(recipe_catalog(None), "examples/two_stage_easyvqa.yaml").run
-    split = apply_edits(two, {"budget": 10})  # the recipe's own 4 + 16 minutes, scaled
-    assert [s.max_minutes for s in split.stages] == [2, 8]
+    split = apply_edits(two, {"budget": 20})  # the recipe's own 2 + 8 minutes, scaled
+    assert [s.max_minutes for s in split.stages] == [4, 16]
     for edits, message in (({"stages": [["adapt", "", "", -1, 0, 1e-3, 1e-3]]}, "epochs must be at least 0"),
                            ({"stages": [["adapt", "", "", "many", 0, 1e-3, 1e-3]]}, "epochs must be a number"),
                            ({"stages": rows * 2}, "1 stage"), ({"peft_r": 0}, "'r' of PEFT method lora"),
