@@ -29,8 +29,8 @@ def load_task_captions(source: dict[str, Any] | None = None, pairs_per_caption: 
     `source` names the question–answer data as a run's `data` does: {"kind": ..., "options": {...}} (offline
     when its kind is). Multi-image or multi-turn samples are skipped and counted in the report."""
     if not isinstance(source, dict) or not isinstance(source.get("kind"), str):
-        raise ConfigError(f'{KIND} needs source: {{"kind": KIND, "options": {{...}}}}, the question-answer data '
-                          "to derive captions from")
+        raise ConfigError(f"{KIND} needs source, the question-answer data to derive captions from, named as a run's "
+                          'data is: e.g. {"kind": "easy-vqa", "options": {"split": "train"}}')
     if source["kind"] == KIND:
         raise ConfigError(f"{KIND} cannot derive captions from {KIND}")
     if pairs_per_caption < 1:
