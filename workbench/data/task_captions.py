@@ -12,6 +12,7 @@ import random
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from .balance import question_and_answer
 from .captions import CAPTION_PROMPTS
 from .loaders import DATASETS, load_dataset_spec
 from .samples import IMAGE_TOKEN, DataReport, Sample, SampleDataset, vqa_sample
@@ -77,8 +78,8 @@ def _question_answer(sample: Sample) -> tuple[str, str] | None:
     turns = [m for m in sample.messages if m.get("role") != "system"]
     if len(sample.images) != 1 or len(turns) != 2 or [m["role"] for m in turns] != ["user", "assistant"]:
         return None
-    question = turns[0]["content"].replace(IMAGE_TOKEN, " ").strip()
-    answer = turns[1]["content"].strip().rstrip(".")
+    question, answer = question_and_answer(turns, IMAGE_TOKEN)
+    question, answer = question.strip(), answer.strip().rstrip(".")
     if not question or not answer:
         return None
     return (question if question[-1] in "?.!" else question + "?"), answer
