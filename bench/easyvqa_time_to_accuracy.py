@@ -2,10 +2,11 @@
 
 Parts (run all, or one at a time with --part; each part saves its numbers in bench/.ttacc/ so a later
 `--part report` assembles the table without retraining):
-- `headline`: `workbench train examples/configs/direct_lora_easyvqa.yaml` exactly as a user runs it, with an
-  empty feature cache (caching is part of the time), its 15-minute budget, checkpoints every few minutes;
-  each checkpoint is then evaluated on the full official test split (9,673 questions), so the curve is
-  accuracy against training wall-clock time. Target: >= 93.8% (the dataset author's CNN) within 15 min.
+- `headline`: `workbench train examples/configs/fast_easyvqa.yaml` exactly as a user runs it, with an
+  empty feature cache (caching is part of the time), its own time budget (`--minutes` to change it),
+  checkpoints every few minutes; the final model is evaluated on the full official test split (9,673
+  questions), earlier checkpoints on a seeded subset, so the curve is accuracy against training wall-clock
+  time. Target (issue 15): >= 99% within 8 minutes; the dataset author's CNN reaches 93.8%.
 - `baseline`: the same recipe trained and evaluated with the images removed (`text_only: true`): the floor
   that shows what the image adds; easy-VQA's yes/no questions are partly guessable from the text.
 - `paradigms`: single-stage, two-stage and direct adaptation from their example configs at one equal
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _runs as R  # noqa: E402
 
-TARGET = 0.938
-LONG_TARGET = 0.97
+TARGET = 0.99
+TARGET_MINUTES = 8.0
 HEADLINE_CONFIG = "examples/configs/fast_easyvqa.yaml"
 PARADIGM_CONFIGS = {"single-stage": "examples/configs/single_stage_easyvqa.yaml",
                     "two-stage": "examples/configs/two_stage_easyvqa.yaml",
@@ -51,6 +52,7 @@ def _load(part: str) -> dict | None:
 
 def part_headline(args) -> None:
     config = R.with_budget(R.read_yaml(C.REPO / HEADLINE_CONFIG), args.minutes, checkpoint_minutes=args.every)
+    minutes = sum(stage.get("max_minutes") or 0 for stage in config["stages"])  # the recipe's own budget unless --minutes
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         load = C.OtherLoad()
@@ -71,10 +73,11 @@ def part_headline(args) -> None:
 
             shutil.rmtree(args.keep, ignore_errors=True)
             shutil.copytree(run_dir / "model", args.keep)
-        _save("headline", {"config": HEADLINE_CONFIG, "minutes": args.minutes, "wall_s": run["wall_s"],
+        _save("headline", {"config": HEADLINE_CONFIG, "minutes": minutes, "wall_s": run["wall_s"],
                            "points": points, "peak_mb": R.peak_mb(rows), "load": load.note(),
                            "steps": max((r["step"] for r in rows if r["kind"] == "train"), default=0),
-                           "quick": args.quick, "limit": args.limit})
+                           "quick": args.quick, "limit": args.limit,
+                           "command": " ".join(["bench/easyvqa_time_to_accuracy.py", *sys.argv[1:]])})
 
 
 def part_baseline(args) -> None:
@@ -115,7 +118,7 @@ def part_report(args) -> int:
         rows.append([f"text-only, {baseline['minutes']:g} min", f"{100 * baseline['accuracy']:.2f}", *R.by_type(baseline),
                      str(baseline["count"]), f"{baseline['eval_s']:.0f}"])
     print(C.text_table(headers, rows))
-    within = [p for p in headline["points"] if p["train_s"] <= 15 * 60 + 30]  # the stage ends at 15 min; saving follows
+    within = [p for p in headline["points"] if p["train_s"] <= TARGET_MINUTES * 60 + 30]  # saving follows the stage's end
     full = [p for p in within if p["count"] >= 9673]  # the target is on the full test split
     best = max((p["accuracy"] for p in (full or within)), default=0.0)
     tables = ["", C.markdown_table(headers, rows)]
@@ -144,12 +147,12 @@ def part_report(args) -> int:
             "",
             f"- machine: {C.machine_line()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            "- command: `.venv/bin/python bench/easyvqa_time_to_accuracy.py`",
+            f"- command: `.venv/bin/python {headline.get('command', 'bench/easyvqa_time_to_accuracy.py')}`",
             f"- {headline['load']}",
             *tables,
         ])
         C.write_results_section("easyvqa_time_to_accuracy", body)
-    print(C.result_line("easyvqa_accuracy_15min_cpu", f"{best:.4f}", f">={TARGET}", best >= TARGET))
+    print(C.result_line(f"easyvqa_accuracy_{TARGET_MINUTES:g}min_cpu", f"{best:.4f}", f">={TARGET}", best >= TARGET))
     return 0
 
 
@@ -157,8 +160,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1-minute runs, 300 test questions (~8 min)")
     parser.add_argument("--part", choices=["all", "headline", "baseline", "paradigms", "report"], default="all")
-    parser.add_argument("--minutes", type=float, default=15.0, help="headline training budget")
-    parser.add_argument("--every", type=float, default=5.0, help="minutes between evaluated checkpoints")
+    parser.add_argument("--minutes", type=float, default=None, help="headline training budget (default: the recipe's own)")
+    parser.add_argument("--every", type=float, default=3.0, help="minutes between evaluated checkpoints")
     parser.add_argument("--baseline-minutes", type=float, default=5.0)
     parser.add_argument("--paradigm-minutes", type=float, default=5.0)
     parser.add_argument("--limit", type=int, default=None, help="test questions for the final model (default all)")
