@@ -79,6 +79,9 @@ def main() -> int:
     parser.add_argument("--models", default=str(DEFAULT_MODELS), help="folder of saved models, one per integrator")
     parser.add_argument("--questions", type=int, default=40, help="colour/shape test questions per model")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--about", default="trained by `bench/integrators.py --keep DIR` (same recipe and budget)",
+                        help="where the models come from, for RESULTS.md (a --models path of this machine means "
+                             "nothing to a reader)")
     args = parser.parse_args()
     C.setup_environment()
     from workbench.data.easyvqa import load_easy_vqa
@@ -118,7 +121,7 @@ def main() -> int:
         body = "\n".join([
             "## attention_localisation — do the attention views land on the shape?",
             "",
-            "For each model trained by `bench/integrators.py` (same budget, frozen SmolLM2) and "
+            f"For each model ({args.about}) and "
             f"{n} easy-VQA test questions about colour or shape: the model answers, `workbench.attention` traces "
             "the first answer token, and each view's map over the 7×7 grid is scored as Σ map·coverage / "
             "mean(coverage), coverage = share of a patch's pixels on the shape (found from the image: pixels far "
@@ -126,7 +129,7 @@ def main() -> int:
             "",
             f"- machine: {C.machine_line()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            f"- command: `.venv/bin/python bench/attention_localisation.py --questions {n}`",
+            f"- command: `.venv/bin/python bench/attention_localisation.py --models DIR --questions {n}`",
             f"- {load.note()}",
             "",
             C.markdown_table(headers, rows),
