@@ -73,7 +73,7 @@ def run_row(name: str, config: dict, tmp: Path, cache_dir: Path, args, text_only
         kept = Path(args.keep) / name
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(run_dir / "model", kept)
-    steps = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
+    steps = R.steps_taken(rows)
     out = {"name": name, "wall_s": run["wall_s"], "peak_mb": R.peak_mb(rows), "steps": steps,
            "s_per_step": R.seconds_per_step(rows), **result}
     print(f"  {name:<14} accuracy {result['accuracy']:.4f} {result['by_type']}  {steps} steps, "
@@ -99,21 +99,22 @@ def report(config: dict, rows: list[dict], minutes: float, limit: int) -> str:
     """The RESULTS.md section: every saved row of this budget, best first, the text-only floor last."""
     from workbench.integrators import INTEGRATORS
 
-    floor_row = next(r for r in rows if r["name"] == "text-only")
-    floor = floor_row["accuracy"]
+    floor_row = next((r for r in rows if r["name"] == "text-only"), None)
+    floor = floor_row["accuracy"] if floor_row else None
     headers = ["integrator", "family", "accuracy %", "yes/no %", "colour %", "shape %", "vs text-only (points)",
                "trainable params", "visual tokens", "s/step", "steps", "peak memory (MB)", "measured"]
     others = sorted((r for r in rows if r is not floor_row), key=lambda r: -r["accuracy"])
     table = []
-    for r in others + [floor_row]:
+    for r in others + ([floor_row] if floor_row else []):
         text_only = r is floor_row
         family = "LoRA, no image" if text_only else INTEGRATORS.info(r["name"]).get("family", "")
         table.append([r["name"], family, f"{100 * r['accuracy']:.2f}", *R.by_type(r),
-                      "" if text_only else f"{100 * (r['accuracy'] - floor):+.1f}", f"{r['trainable_params']:,}",
+                      "" if text_only or floor is None else f"{100 * (r['accuracy'] - floor):+.1f}",
+                      f"{r['trainable_params']:,}",
                       "0" if text_only else str(r["visual_tokens"]), f"{r['s_per_step']:.2f}", str(r["steps"]),
                       f"{r['peak_mb']:.0f}", f"{r['date']} ({r['load']})"])
     print(C.text_table(headers, table))
-    beaten = [r for r in others if r["accuracy"] >= floor + MARGIN]
+    beaten = [r for r in others if floor is not None and r["accuracy"] >= floor + MARGIN]
     reached = [r for r in others if r["accuracy"] >= TARGET]
     missing = [n for n in INTEGRATORS.names() if n not in {r["name"] for r in others}]
     return "\n".join([
@@ -150,6 +151,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=1000, help="test questions per evaluation (0: all 9,673)")
     parser.add_argument("--only", help="comma-separated integrators (default: all); the text-only floor runs too "
                                        "unless this budget already has one saved (name it to re-run it)")
+    parser.add_argument("--report", action="store_true", help="train nothing: write the table from the saved rows")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--keep", help="keep each row's trained model under this folder (bench/attention_localisation.py "
                                        "reads them from there)")
@@ -165,7 +167,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown integrator(s): {', '.join(unknown)}")
     state = row_state(args.minutes)
-    if "text-only" not in names and not (state / "text-only.json").is_file():
+    if args.report:
+        names = []
+    elif "text-only" not in names and not (state / "text-only.json").is_file():
         names.insert(0, "text-only")
     elif "text-only" in names:
         names.insert(0, names.pop(names.index("text-only")))
@@ -176,8 +180,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache_dir = tmp / "feature-cache"
-        print(f"== feature cache: {warm_feature_cache(config, cache_dir):.0f} s (shared by every row, not in the budget)")
-        print(f"== {', '.join(names)}: {args.minutes:g} min each", flush=True)
+        if names:
+            print(f"== feature cache: {warm_feature_cache(config, cache_dir):.0f} s (shared by every row, not in "
+                  "the budget)")
+            print(f"== {', '.join(names)}: {args.minutes:g} min each", flush=True)
         for name in names:
             load = C.OtherLoad()
             text_only = name == "text-only"
@@ -193,6 +199,9 @@ def main() -> int:
 
     saved = [json.loads(p.read_text()) for p in sorted(state.glob("*.json"))]
     saved = [r for r in saved if r.get("limit") == args.limit]  # one table, one question set
+    if not saved:
+        print(f"no rows saved for {args.minutes:g} minutes and --limit {args.limit}: run some first")
+        return 1
     body = report(config, saved, args.minutes, args.limit)
     if not args.quick:
         C.write_results_section("integrators", body)
