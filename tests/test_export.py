@@ -146,12 +146,14 @@ def test_hf_llava_other_towers_and_projector_options(tiny_llm_dir, towers, tmp_p
 def test_blocked_export_names_every_reason(tiny_config, tmp_path):
     config = copy.deepcopy(tiny_config)
     config.integrator.options = {"depth": 3}
+    config.visual_entry_layer = -1  # a model LLaVA cannot express: the tokens enter above the embeddings
     torch.manual_seed(0)
     saved = VisionLanguageModel.from_config(config).save_pretrained(tmp_path / "saved")
     with pytest.raises(HFLlavaBlocked) as info:
         export(saved, "hf-llava", tmp_path / "llava")
     message = str(info.value)
-    assert len(message.splitlines()) == 1 and len(info.value.reasons) == 4
+    assert len(message.splitlines()) == 1 and len(info.value.reasons) == 5
+    assert "enter the LLM at decoder layer -1 (`model.visual_entry_layer`)" in message
     assert "encoder 'torchvision' (mobilenet_v3_small) is not a ViT" in message
     assert ("input LayerNorm in the projector has no place in LlavaMultiModalProjector: train with "
             "`input_norm: false`") in message

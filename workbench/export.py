@@ -143,6 +143,10 @@ def config_blockers(config) -> list[str]:
         if depth != 2:
             reasons.append(f"the MLP projector has {depth} layer(s) (depth {depth}); LlavaMultiModalProjector has "
                            f"exactly 2: train with `depth: 2`")
+        if config.visual_entry_layer:
+            reasons.append(f"the visual tokens enter the LLM at decoder layer {config.visual_entry_layer} "
+                           f"(`model.visual_entry_layer`); LLaVA puts them with the text embeddings: train with "
+                           f"`visual_entry_layer: 0`")
     if config.peft.method not in MERGEABLE_PEFT:
         reasons.append(f"PEFT method {config.peft.method} cannot be merged into the LLM's weights (it adds virtual "
                        f"tokens or adaption prompts, which a plain transformers model has no place for): train with "
