@@ -75,7 +75,7 @@ def part_headline(args) -> None:
             shutil.copytree(run_dir / "model", args.keep)
         _save("headline", {"config": HEADLINE_CONFIG, "minutes": minutes, "wall_s": run["wall_s"],
                            "points": points, "peak_mb": R.peak_mb(rows), "load": load.note(),
-                           "steps": max((r["step"] for r in rows if r["kind"] == "train"), default=0),
+                           "steps": R.steps_taken(rows),
                            "quick": args.quick, "limit": args.limit,
                            "command": " ".join(["bench/easyvqa_time_to_accuracy.py", *sys.argv[1:]])})
 
