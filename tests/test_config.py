@@ -80,3 +80,30 @@ def test_run_config_overrides_from_the_command_line(tmp_path):
         apply_overrides(stages, ["stages.first.lr=1"])
     with pytest.raises(ConfigError, match="batch_size"):
         load_run_config(path, ["training.batch_size=many"])
+
+
+def test_concurrent_writers_of_one_config_never_collide(tmp_path):
+    """Every process of a multi-process run saves the run's config: writers sharing one temporary file would
+    truncate or move it away from under each other (FileNotFoundError), and a reader could see half a file."""
+    import threading
+
+    from workbench.config import load_yaml, save_yaml
+
+    path, errors = tmp_path / "run.yaml", []
+    rows = {f"key{i}": list(range(50)) for i in range(10)}
+
+    def writer(n):
+        try:
+            for k in range(30):
+                save_yaml({**rows, "writer": n, "k": k}, path)
+                assert set(load_yaml(path)) == set(rows) | {"writer", "k"}  # whole, never half-written
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]  # no temporary file left behind

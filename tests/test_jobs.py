@@ -105,6 +105,15 @@ def _torchrun(run_dir, on_started=None, timeout=300):
     return proc.returncode, stdout, stderr
 
 
+def _why(run_dir, stdout: str, stderr: str) -> str:
+    """What a failed 2-process run says: the exit record and each rank's own traceback (the launcher's summary
+    comes last and would otherwise hide them)."""
+    exit_file = run_dir / "exit.json"
+    record = exit_file.read_text() if exit_file.is_file() else "no exit record"
+    first = stderr.find("Traceback")
+    return f"{record}\n{stdout[-1500:]}\n{stderr[first:first + 6000] if first >= 0 else stderr[-3000:]}"
+
+
 def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp_path):
     """DDP over gloo on loopback, launched the way accelerate/torchrun launch a multi-GPU run.
 
@@ -129,7 +138,7 @@ def test_two_cpu_processes_train_together_with_gloo(tiny_config, llava_data, tmp
     run_dir.mkdir()
     save_run_config(_config(tiny_config, llava_data, epochs=1, batch_size=1), run_dir / "run.yaml")
     code, stdout, stderr = _torchrun(run_dir)
-    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert code == 0, _why(run_dir, stdout, stderr)
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
     stage = read_metrics(run_dir / "metrics.jsonl", "stage")
     assert len(stage) == 1  # one log, written by the main process only
@@ -154,7 +163,7 @@ def test_two_processes_stop_together_on_a_time_budget_in_a_text_only_run(tiny_co
     config.stages[0].llm, config.stages[0].max_minutes = "full", 0.1
     save_run_config(config, run_dir / "run.yaml")
     code, stdout, stderr = _torchrun(run_dir)
-    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert code == 0, _why(run_dir, stdout, stderr)
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "completed"
     assert len(read_metrics(run_dir / "metrics.jsonl", "time_budget")) == 1
     lrs = [r["lr"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
@@ -175,6 +184,6 @@ def test_two_processes_cancel_together(tiny_config, llava_data, tmp_path):
         (run_dir / "CANCEL").touch()
 
     code, stdout, stderr = _torchrun(run_dir, on_started=cancel_once_training)
-    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert code == 0, _why(run_dir, stdout, stderr)
     assert json.loads((run_dir / "exit.json").read_text())["status"] == "cancelled"
     assert latest_checkpoint(run_dir) is not None

@@ -239,12 +239,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from .atomic_files import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:

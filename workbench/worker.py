@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .atomic_files import write_text_atomic
 from .errors import WorkbenchError
 
 
@@ -62,7 +63,7 @@ def device_slot(root: Path, device: str, poll: float = 1.0):
                 fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 if group is not None:
-                    _write_atomic(owner, group)
+                    write_text_atomic(owner, group)
                 yield
             finally:
                 if group is not None:
@@ -88,12 +89,6 @@ def _held_by(lock: Path, owner: Path, group: str) -> bool:
             return True  # held, by the process that wrote our group's id
         fcntl.flock(fh, fcntl.LOCK_UN)
         return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class _Terminated(Exception):
@@ -123,9 +118,8 @@ def main(argv: list[str] | None = None, on_log=None) -> int:
             return code
         if exit_file.exists():  # a late signal must not overwrite how the run really ended
             return code
-        tmp = exit_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"status": status, "exit_code": code, "reason": reason, "time": time.time()}))
-        tmp.replace(exit_file)
+        write_text_atomic(exit_file, json.dumps({"status": status, "exit_code": code, "reason": reason,
+                                                 "time": time.time()}))
         if registry is not None:
             registry.mark(run_dir.name, status, exit_code=code, reason=reason, finished=time.time())
         return code

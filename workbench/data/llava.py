@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
+from ..atomic_files import write_text_atomic
 from ..errors import ConfigError
 from .prompting import normalize_messages
 from .loaders import DATASETS
@@ -129,14 +130,11 @@ def save_llava_json(samples: Iterable[Sample], json_path: str | Path,
         if meta:
             row["meta"] = meta
         rows.append(row)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        if path.suffix.lower() == ".jsonl":
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        else:
-            json.dump(rows, fh, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)  # a reader never sees a half-written file
-    return path
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        text = json.dumps(rows, ensure_ascii=False, indent=1)
+    return write_text_atomic(path, text)  # a reader never sees a half-written file
 
 
 def _store_image(image: Any, index: int, k: int, root: Path, images_dir: Path, copied: dict[str, str]) -> str:
