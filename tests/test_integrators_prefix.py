@@ -294,3 +294,44 @@ def test_end_to_end_loss_and_generation(name, tiny_config, example_image):
     assert all(p.grad is not None for p in model.integrator.parameters())
     text = model.generate(Q, [example_image], max_new_tokens=4)
     assert isinstance(text, str)
+
+
+# ---------------------------------------------------------------------------------------------- global token
+
+GLOBAL = [n for n in NAMES if "global_token" in inspect.signature(INTEGRATORS.get(n)).parameters]
+
+
+def test_the_abstractors_offer_a_global_token():
+    assert {"qformer", "resampler", "c_abstractor"} <= set(GLOBAL)
+
+
+@pytest.mark.parametrize("name", GLOBAL)
+def test_global_token_comes_first_and_sees_the_whole_image(name):
+    c = ctx(4, 4, cls=True)
+    torch.manual_seed(0)
+    integ = build(name, c, global_token=True).eval()
+    assert integ.num_tokens == build(name, c).num_tokens + 1
+    f = torch.randn(2, c.num_input_tokens, D)
+    out = integ(f)
+    assert out.shape == (2, integ.num_tokens, H)
+    g = integ.global_token
+    with torch.no_grad():
+        expected = g.out_norm(g.proj(g.norm(f[:, 1:]).mean(dim=1)))
+    assert torch.allclose(out[:, 0], expected, atol=1e-5)  # the patches' average, CLS left out
+    shuffled = torch.cat([f[:, :1], f[:, 1 + torch.randperm(16)]], dim=1)
+    assert torch.allclose(integ(shuffled)[:, 0], out[:, 0], atol=1e-5)  # where things are does not matter to it
+    integ.record_attention = True
+    integ(f)
+    m = integ.patch_map()
+    assert m.shape[-2:] == (integ.num_tokens, 16)
+    assert torch.allclose(m[..., 0, :], torch.full_like(m[..., 0, :], 1 / 16))  # draws on every patch equally
+    assert torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GLOBAL)
+def test_global_token_trains(name):
+    torch.manual_seed(0)
+    integ = build(name, CONTEXTS["4x4"], global_token=True, **({"hidden_dim": 32} if name == "c_abstractor" else {}))
+    out = integ(torch.randn(2, 16, D))
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in integ.global_token.parameters())

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import AttentionRecord, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
+from .base import AttentionRecord, GlobalImageToken, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
 
 
 class _Attention(nn.Module):
@@ -83,8 +83,9 @@ class _AttentionAbstractor(Integrator):
     TextScaleNorm that puts visual tokens at the scale of the LLM's text embeddings."""
 
     def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: InputNorm, position_embedding: bool,
-                 output_norm: bool):
+                 output_norm: bool, global_token: bool = False):
         super().__init__(context)
+        self.global_token = GlobalImageToken(context, input_norm) if global_token else None
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): normalise before projecting, as dense.py.
         self.image_proj = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
                                         nn.Linear(context.vision_dim, hidden_dim))
@@ -94,8 +95,13 @@ class _AttentionAbstractor(Integrator):
         self.out_proj = nn.Linear(hidden_dim, context.llm_hidden)
         self.out_norm = TextScaleNorm(context) if output_norm else nn.Identity()
 
-    def _output(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(self.out_proj(self.final_norm(tokens)))
+    def _output(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        out = self.out_norm(self.out_proj(self.final_norm(tokens)))
+        return self.global_token(features, out) if self.global_token is not None else out
+
+    @property
+    def num_tokens(self) -> int:
+        return self._latents.shape[0] + int(self.global_token is not None)
 
     def patch_map(self) -> torch.Tensor | None:
         """(images, num_tokens, h·w): the recorded query→image cross-attention, averaged over heads and
@@ -106,7 +112,8 @@ class _AttentionAbstractor(Integrator):
         m = torch.stack(maps).float().mean(dim=(0, 2))  # (layers, B, heads, Q, N) → (B, Q, N)
         if self.context.has_cls:
             m = m[..., 1:]
-        return m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return GlobalImageToken.patch_row(m) if self.global_token is not None else m
 
     def _image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         self.check_features(features)
@@ -169,25 +176,26 @@ class QFormer(_AttentionAbstractor):
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the image tokens
+        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
     """
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
                  hidden_dim: int = 256, num_heads: int = 4, cross_attention_every: int = 2, mlp_ratio: int = 4,
                  dropout: float = 0.0, input_norm: InputNorm = True, output_norm: bool = True,
-                 position_embedding: bool = True):
+                 position_embedding: bool = True, global_token: bool = False):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_queries, "num_queries", mlp_ratio, dropout)
         if not 1 <= cross_attention_every <= num_layers:
             raise ValueError(f"cross_attention_every must be between 1 and num_layers ({num_layers}), "
                              f"got {cross_attention_every}")
-        super().__init__(context, hidden_dim, input_norm, position_embedding, output_norm)
+        super().__init__(context, hidden_dim, input_norm, position_embedding, output_norm, global_token)
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_dim) * 0.02)  # BLIP-2: N(0, 0.02)
         self.blocks = nn.ModuleList(
             _QFormerBlock(hidden_dim, num_heads, mlp_ratio, dropout, cross=i % cross_attention_every == 0)
             for i in range(num_layers))
 
     @property
-    def num_tokens(self) -> int:
-        return self.queries.shape[0]
+    def _latents(self) -> torch.Tensor:
+        return self.queries
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         image = self._image_tokens(features)
@@ -201,7 +209,7 @@ class QFormer(_AttentionAbstractor):
                 self.last_attention.latent_self[i] = self_probs.detach()
                 if cross_probs is not None:
                     self.last_attention.latent_to_image[i] = cross_probs.detach()
-        return self._output(q)
+        return self._output(q, features)
 
 
 class _ResamplerLayer(nn.Module):
@@ -250,19 +258,21 @@ class PerceiverResampler(_AttentionAbstractor):
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
+        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
     """
 
     def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,
                  hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: InputNorm = True,
-                 output_norm: bool = True):
+                 output_norm: bool = True, global_token: bool = False):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_latents, "num_latents", ffn_mult, 0.0)
-        super().__init__(context, hidden_dim, input_norm, position_embedding=True, output_norm=output_norm)
+        super().__init__(context, hidden_dim, input_norm, position_embedding=True, output_norm=output_norm,
+                         global_token=global_token)
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_dim) * 0.02)
         self.layers = nn.ModuleList(_ResamplerLayer(hidden_dim, num_heads, ffn_mult) for _ in range(num_layers))
 
     @property
-    def num_tokens(self) -> int:
-        return self.latents.shape[0]
+    def _latents(self) -> torch.Tensor:
+        return self.latents
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         media = self._image_tokens(features)
@@ -278,4 +288,4 @@ class PerceiverResampler(_AttentionAbstractor):
                 share = image.sum(dim=-1)
                 self.last_attention.latent_to_image[i] = image / share.unsqueeze(-1)
                 self.last_attention.image_share[i] = share
-        return self._output(lat)
+        return self._output(lat, features)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
+from .base import GlobalImageToken, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -187,10 +187,12 @@ class CAbstractor(_GridIntegrator):
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the patch tokens
+        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 3, hidden_dim: int = 256,
-                 input_norm: InputNorm = True, output_norm: bool = True, position_embedding: bool = True):
+                 input_norm: InputNorm = True, output_norm: bool = True, position_embedding: bool = True,
+                 global_token: bool = False):
         side = _square_side(num_tokens)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -205,10 +207,11 @@ class CAbstractor(_GridIntegrator):
                                   for i in range(depth)])
         self.s2 = nn.Sequential(*[_RegBlock(hidden_dim, hidden_dim) for _ in range(depth)])
         self.readout = _mlp(hidden_dim, context.llm_hidden, context.llm_hidden, 2, nn.SiLU)
+        self.global_token = GlobalImageToken(context, input_norm) if global_token else None
 
     @property
     def num_tokens(self) -> int:
-        return self.side * self.side
+        return self.side * self.side + int(self.global_token is not None)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, x = self._split(features)
@@ -217,7 +220,8 @@ class CAbstractor(_GridIntegrator):
         x = self.s1(self._to_map(x))
         x = F.adaptive_avg_pool2d(x, (self.side, self.side))
         x = self.s2(x)
-        return self.out_norm(self.readout(self._to_tokens(x)))
+        out = self.out_norm(self.readout(self._to_tokens(x)))
+        return self.global_token(features, out) if self.global_token is not None else out
 
     def receptive_field(self) -> torch.Tensor:
         """(num_tokens, h·w): the depthwise 3×3 of each ResBlock as a residual window mean, then the pooling."""
@@ -227,7 +231,8 @@ class CAbstractor(_GridIntegrator):
         t.pool(self.side)
         for _ in range(self.depth):
             t.residual_conv(3)
-        return t.matrix()
+        m = t.matrix()
+        return GlobalImageToken.patch_row(m) if self.global_token is not None else m
 
 
 # ---------------------------------------------------------------------------------------------- LDP
