@@ -107,3 +107,17 @@ def test_concurrent_writers_of_one_config_never_collide(tmp_path):
         t.join()
     assert errors == []
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]  # no temporary file left behind
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """The atomic write's temporary file must not leave the result private (mkstemp's 0600)."""
+    import os
+
+    from workbench.config import save_yaml
+
+    mask = os.umask(0o022)
+    try:
+        path = save_yaml({"a": 1}, tmp_path / "run.yaml")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

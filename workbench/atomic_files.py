@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -16,7 +16,10 @@ def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> P
     """Write `text` to `path` atomically (rename of a unique temporary file in the same folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # O_EXCL on a name no other writer uses; mode 0o666 so the umask decides, as for an ordinary write
+    # (mkstemp's 0o600 would make an exported dataset unreadable to the rest of a class).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding=encoding) as fh:
             fh.write(text)
