@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import AttentionRecord, GlobalImageToken, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
+from .base import AttentionRecord, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
+from .convolutional import whole_image_token, with_whole_image_row, with_whole_image_token
 
 
 class _Attention(nn.Module):
@@ -85,7 +86,7 @@ class _AttentionAbstractor(Integrator):
     def __init__(self, context: IntegratorContext, hidden_dim: int, input_norm: InputNorm, position_embedding: bool,
                  output_norm: bool, global_token: bool = False):
         super().__init__(context)
-        self.global_token = GlobalImageToken(context, input_norm) if global_token else None
+        self.global_token = whole_image_token(context, input_norm) if global_token else None
         # CNN features are unnormalised (post-ReLU6 for MobileNetV2): normalise before projecting, as dense.py.
         self.image_proj = nn.Sequential(input_norm_layer(input_norm, context.vision_dim),
                                         nn.Linear(context.vision_dim, hidden_dim))
@@ -96,8 +97,8 @@ class _AttentionAbstractor(Integrator):
         self.out_norm = TextScaleNorm(context) if output_norm else nn.Identity()
 
     def _output(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        out = self.out_norm(self.out_proj(self.final_norm(tokens)))
-        return self.global_token(features, out) if self.global_token is not None else out
+        return with_whole_image_token(self.global_token, features,
+                                      self.out_norm(self.out_proj(self.final_norm(tokens))))
 
     @property
     def num_tokens(self) -> int:
@@ -112,8 +113,7 @@ class _AttentionAbstractor(Integrator):
         m = torch.stack(maps).float().mean(dim=(0, 2))  # (layers, B, heads, Q, N) → (B, Q, N)
         if self.context.has_cls:
             m = m[..., 1:]
-        m = m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        return GlobalImageToken.patch_row(m) if self.global_token is not None else m
+        return with_whole_image_row(self.global_token, m / m.sum(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def _image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         self.check_features(features)
@@ -176,7 +176,7 @@ class QFormer(_AttentionAbstractor):
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the image tokens
-        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token)
     """
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
@@ -258,7 +258,7 @@ class PerceiverResampler(_AttentionAbstractor):
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
-        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token)
     """
 
     def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,

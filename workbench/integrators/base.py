@@ -143,36 +143,6 @@ class TextScaleNorm(nn.Module):
         return self.norm(x)
 
 
-class GlobalImageToken(nn.Module):
-    """One extra visual token for the whole image: the encoder's patch tokens normalised, averaged and passed
-    through a two-layer MLP (average pooling to one token), put first, before the integrator's own tokens.
-
-    Abstractors that start from random queries or deep convolution stacks learn *where* (shape) well before
-    *what colour* (bench/RESULTS.md); average pooling reads global properties from the first steps. A global
-    view beside the local tokens is also what LLaVA-NeXT's base image and InternVL's thumbnail give their LLMs.
-    """
-
-    def __init__(self, context: IntegratorContext, input_norm: "InputNorm"):
-        super().__init__()
-        self.has_cls = context.has_cls
-        self.norm = input_norm_layer(input_norm, context.vision_dim)
-        self.proj = nn.Sequential(nn.Linear(context.vision_dim, context.llm_hidden), nn.GELU(),
-                                  nn.Linear(context.llm_hidden, context.llm_hidden))
-        self.out_norm = TextScaleNorm(context)
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D_v) features and (B, T, llm_hidden) tokens → (B, 1 + T, llm_hidden)."""
-        patches = features[:, 1:] if self.has_cls else features
-        token = self.out_norm(self.proj(self.norm(patches).mean(dim=1, keepdim=True)))
-        return torch.cat([token.to(tokens.dtype), tokens], dim=1)
-
-    @staticmethod
-    def patch_row(patch_map: torch.Tensor) -> torch.Tensor:
-        """A patch map ((T, h·w) or (images, T, h·w)) with the global token's uniform row put first."""
-        row = torch.full_like(patch_map[..., :1, :], 1.0 / patch_map.shape[-1])
-        return torch.cat([row, patch_map], dim=-2)
-
-
 class Integrator(nn.Module):
     """Base class. Subclasses define `forward(features) -> (B, T, llm_hidden)` and `num_tokens`."""
 

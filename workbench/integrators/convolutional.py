@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import INTEGRATORS
-from .base import GlobalImageToken, Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
+from .base import Integrator, IntegratorContext, InputNorm, TextScaleNorm, input_norm_layer
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -187,7 +187,7 @@ class CAbstractor(_GridIntegrator):
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the patch tokens
-        global_token: one more token first, the whole image average-pooled (see GlobalImageToken)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token)
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 3, hidden_dim: int = 256,
@@ -207,7 +207,7 @@ class CAbstractor(_GridIntegrator):
                                   for i in range(depth)])
         self.s2 = nn.Sequential(*[_RegBlock(hidden_dim, hidden_dim) for _ in range(depth)])
         self.readout = _mlp(hidden_dim, context.llm_hidden, context.llm_hidden, 2, nn.SiLU)
-        self.global_token = GlobalImageToken(context, input_norm) if global_token else None
+        self.global_token = whole_image_token(context, input_norm) if global_token else None
 
     @property
     def num_tokens(self) -> int:
@@ -221,7 +221,7 @@ class CAbstractor(_GridIntegrator):
         x = F.adaptive_avg_pool2d(x, (self.side, self.side))
         x = self.s2(x)
         out = self.out_norm(self.readout(self._to_tokens(x)))
-        return self.global_token(features, out) if self.global_token is not None else out
+        return with_whole_image_token(self.global_token, features, out)
 
     def receptive_field(self) -> torch.Tensor:
         """(num_tokens, h·w): the depthwise 3×3 of each ResBlock as a residual window mean, then the pooling."""
@@ -232,7 +232,7 @@ class CAbstractor(_GridIntegrator):
         for _ in range(self.depth):
             t.residual_conv(3)
         m = t.matrix()
-        return GlobalImageToken.patch_row(m) if self.global_token is not None else m
+        return with_whole_image_row(self.global_token, m)
 
 
 # ---------------------------------------------------------------------------------------------- LDP
@@ -357,3 +357,29 @@ class AvgPoolProjector(_GridIntegrator):
         if self.keep_cls:
             m = torch.cat([torch.full((1, m.shape[1]), 1.0 / m.shape[1]), m])
         return m
+
+
+# ---------------------------------------------------------------------------------------------- global token
+
+def whole_image_token(context: IntegratorContext, input_norm: InputNorm) -> AvgPoolProjector:
+    """The abstractors' `global_token` option: average pooling to one token, put first, before their own.
+
+    Abstractors that start from random queries or deep convolution stacks learn *where* (shape) well before
+    *what colour* (bench/RESULTS.md); average pooling reads global properties from the first steps. A global
+    view beside the local tokens is also what LLaVA-NeXT's base image and InternVL's thumbnail give their LLMs.
+    """
+    return AvgPoolProjector(context, num_tokens=1, input_norm=input_norm)
+
+
+def with_whole_image_token(pool: AvgPoolProjector | None, features: torch.Tensor,
+                           tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, llm_hidden) tokens with the whole-image token first (unchanged when there is none)."""
+    return tokens if pool is None else torch.cat([pool(features).to(tokens.dtype), tokens], dim=1)
+
+
+def with_whole_image_row(pool: AvgPoolProjector | None, patch_map: torch.Tensor) -> torch.Tensor:
+    """A patch map ((T, h·w) or (images, T, h·w)) with the whole-image token's row (its pooling window) first."""
+    if pool is None:
+        return patch_map
+    row = pool.receptive_field().to(patch_map).expand(*patch_map.shape[:-2], 1, -1)
+    return torch.cat([row, patch_map], dim=-2)
