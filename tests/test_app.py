@@ -58,10 +58,10 @@ def test_build_describes_any_integrator(wb, tiny_llm_dir, monkeypatch):
     figure, diagram, table, summary = wb.describe(4, "mobilenet_v2", "qformer", str(tiny_llm_dir), "lora",
                                                   *form(wb, "qformer", "lora", num_queries=8, r=4))
     assert built == ["meta"]  # each click builds shapes only: no weights loaded, no GPU memory taken
-    assert "8 visual token(s)" in diagram and "lora" in diagram
-    assert any(a.name == "tokens integrator→llm" and a.text.startswith("8 visual tokens") for a in figure.layout.annotations)
+    assert "9 visual token(s)" in diagram and "lora" in diagram  # 8 queries + the whole-image token
+    assert any(a.name == "tokens integrator→llm" and a.text.startswith("9 visual tokens") for a in figure.layout.annotations)
     assert [row[0] for row in table][:2] == ["encoder", "integrator"] and table[-1][0] == "total"
-    assert "**8 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
+    assert "**9 visual tokens**" in summary and "attention abstractor" in summary and "fits" in summary
     for bad, message in (({"num_queries": 0}, "'num_queries' of integrator 'qformer' must be at least 1"),
                          ({"num_queries": 2.5}, "'num_queries' of integrator 'qformer' must be int"),
                          ({"input_norm": "sideways"}, "must be one of layer, batch, none, true, false"),

@@ -136,7 +136,7 @@ def test_known_attention_lands_on_its_patch():
 
 def test_composition_through_a_known_qformer_attention(tiny_config, example_image):
     """A Q-Former whose single query attends to one patch only maps every answer's attention onto that patch."""
-    model = build(tiny_config, "qformer", num_queries=1, num_layers=1, cross_attention_every=1)
+    model = build(tiny_config, "qformer", num_queries=1, num_layers=1, cross_attention_every=1, global_token=False)
     block = model.integrator.blocks[0]
     proj = model.integrator.image_proj[1]
     with torch.no_grad():  # image tokens = position embeddings only, all zero: every key is zero

@@ -96,7 +96,7 @@ def test_any_integrator_is_picked_on_the_command_line(tiny_config_file, capsys):
     assert main(["info", str(tiny_config_file), "--integrator", "qformer",
                  "--set", "integrator.options.num_queries=8"]) == 0
     out = capsys.readouterr().out
-    assert "integrator  qformer {'num_queries': 8}: 8 visual tokens per image" in out
+    assert "integrator  qformer {'num_queries': 8}: 9 visual tokens per image" in out  # + the whole-image token
     assert main(["info", str(tiny_config_file), "--set", "model.integrator.name=avg_pool",
                  "--set", "integrator.options={num_tokens: 1}"]) == 0
     assert "1 visual tokens per image" in capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_components_lists_every_registry_and_costs_integrators(tiny_config_file,
             # prefix integrators put visual tokens in the sequence; in-LLM ones may put none there
             assert row["visual_tokens"] > 0 or row["placement"] == "in_llm", row
     assert rows["mlp"]["visual_tokens"] == 4  # the tiny encoder's 2×2 grid
-    assert rows["qformer"]["visual_tokens"] == 32 and rows["gated_xattn"]["placement"] == "in_llm"
+    assert rows["qformer"]["visual_tokens"] == 33 and rows["gated_xattn"]["placement"] == "in_llm"
     assert main(["components"]) == 0
     out = capsys.readouterr().out
     for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:", "data:"):

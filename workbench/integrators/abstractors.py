@@ -166,7 +166,7 @@ class QFormer(_AttentionAbstractor):
     the encoder keeps one) and `last_attention.latent_self[i]` its query→query probabilities.
 
     Options:
-        num_queries: learned queries = visual tokens per image (at least 1)
+        num_queries: learned queries, one visual token each; the global token adds one (at least 1)
         num_layers: transformer blocks the queries pass (at least 1)
         hidden_dim: width of the queries, divisible by num_heads (at least 1)
         num_heads: attention heads (at least 1)
@@ -176,13 +176,13 @@ class QFormer(_AttentionAbstractor):
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the image tokens
-        global_token: one more token first, the whole image average-pooled (see whole_image_token)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token; on by default)
     """
 
     def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
                  hidden_dim: int = 256, num_heads: int = 4, cross_attention_every: int = 2, mlp_ratio: int = 4,
                  dropout: float = 0.0, input_norm: InputNorm = True, output_norm: bool = True,
-                 position_embedding: bool = True, global_token: bool = False):
+                 position_embedding: bool = True, global_token: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_queries, "num_queries", mlp_ratio, dropout)
         if not 1 <= cross_attention_every <= num_layers:
             raise ValueError(f"cross_attention_every must be between 1 and num_layers ({num_layers}), "
@@ -251,19 +251,19 @@ class PerceiverResampler(_AttentionAbstractor):
     the share of each latent's attention that went to the image rather than to the latents.
 
     Options:
-        num_latents: learned latents = visual tokens per image (at least 1)
+        num_latents: learned latents, one visual token each; the global token adds one (at least 1)
         num_layers: resampler layers (at least 1)
         hidden_dim: width of the latents, divisible by num_heads (at least 1)
         num_heads: attention heads (at least 1)
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
-        global_token: one more token first, the whole image average-pooled (see whole_image_token)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token; on by default)
     """
 
     def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,
                  hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: InputNorm = True,
-                 output_norm: bool = True, global_token: bool = False):
+                 output_norm: bool = True, global_token: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_latents, "num_latents", ffn_mult, 0.0)
         super().__init__(context, hidden_dim, input_norm, position_embedding=True, output_norm=output_norm,
                          global_token=global_token)

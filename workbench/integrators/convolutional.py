@@ -177,22 +177,22 @@ class CAbstractor(_GridIntegrator):
     (vision_dim, h, w) map, pass `depth` ResBlocks to `hidden_dim` channels, are adaptively average-pooled
     to a √num_tokens × √num_tokens grid, pass `depth` more ResBlocks, and an MLP (Linear, SiLU, Linear, as
     Honeybee's readout) maps each position to the LLM's width. A grid smaller than the target is
-    upsampled by the pooling (patches repeat), so `num_tokens` is always exactly what is configured.
+    upsampled by the pooling (patches repeat), so the patch tokens are always exactly `num_tokens`.
     Honeybee uses depth 3 and hidden 1024 for a 7B LLM; hidden 256 suits a ~135M one.
 
     Options:
-        num_tokens: visual tokens per image, a square number (at least 1)
+        num_tokens: patch tokens per image, a square number; the global token adds one (at least 1)
         depth: ResNet blocks before and after the pooling (at least 1)
         hidden_dim: channels of the ResNet blocks (at least 1)
         input_norm: normalisation of the encoder features: layer (true), batch (per channel over the data) or none (false)
         output_norm: put visual tokens at the scale of the LLM's text embeddings
         position_embedding: learned position embedding on the patch tokens
-        global_token: one more token first, the whole image average-pooled (see whole_image_token)
+        global_token: one more token first, the whole image average-pooled (see whole_image_token; on by default)
     """
 
     def __init__(self, context: IntegratorContext, num_tokens: int = 16, depth: int = 3, hidden_dim: int = 256,
                  input_norm: InputNorm = True, output_norm: bool = True, position_embedding: bool = True,
-                 global_token: bool = False):
+                 global_token: bool = True):
         side = _square_side(num_tokens)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -367,6 +367,7 @@ def whole_image_token(context: IntegratorContext, input_norm: InputNorm) -> AvgP
     Abstractors that start from random queries or deep convolution stacks learn *where* (shape) well before
     *what colour* (bench/RESULTS.md); average pooling reads global properties from the first steps. A global
     view beside the local tokens is also what LLaVA-NeXT's base image and InternVL's thumbnail give their LLMs.
+    On by default: with it, each of the three abstractors learned colour within its usual step count.
     """
     return AvgPoolProjector(context, num_tokens=1, input_norm=input_norm)
 
