@@ -217,6 +217,33 @@ def test_gradients_reach_exactly_the_integrator(name, tiny_config, example_image
     assert not torch.allclose(before, logits(model, batch), atol=1e-4)
 
 
+def test_gated_xattn_global_token_is_a_whole_image_latent_read_first(tiny_config, example_image):
+    """The global token: one more latent, first, the patches' average (a CLS left out), trained through the
+    blocks, with a uniform row over the patches in the recorded latent→token map."""
+    plain, model = build(tiny_config, "gated_xattn"), build(tiny_config, "gated_xattn", global_token=True)
+    integ = model.integrator
+    perturb(integ)
+    integ.record_attention = True
+    batch = model.prepare_batch([QA, TEXT_A], [[example_image], []])
+    logits(model, batch)
+    rec = integ.last_attention
+    n = integ.context.num_input_tokens
+    latents = rec.latent_to_image[0]
+    assert latents.shape[-2:] == (17, n) and plain.integrator.resampler.whole_image is None
+    assert torch.allclose(latents.sum(-1), torch.ones(()), atol=1e-5)
+    patches = integ.context.grid[0] * integ.context.grid[1]
+    assert torch.allclose(latents[..., 0, n - patches:], torch.full((patches,), 1 / patches))
+    assert not latents[..., 0, :n - patches].any()  # a CLS token is not part of the average
+    assert all(rec.text_to_latent[i].shape[-1] == 17 for i in integ.block_layers)
+    features = torch.randn(2, n, integ.context.vision_dim)
+    shuffled = torch.cat([features[:, :n - patches], features[:, n - patches + torch.randperm(patches)]], dim=1)
+    with torch.no_grad():  # where things are does not matter to it
+        assert torch.allclose(integ.resampler(features)[0][:, 0], integ.resampler(shuffled)[0][:, 0], atol=1e-5)
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.any() for p in integ.resampler.whole_image.parameters())
+
+
 def test_llama_adapter_media_marker_option(tiny_config, example_image):
     model = build(tiny_config, "llama_adapter", media_marker=True).eval()
     assert model.num_visual_tokens == 1

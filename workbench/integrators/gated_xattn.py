@@ -19,11 +19,14 @@ slots) and its attention gate tanh(alpha_attn) in `gates[layer]`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from . import INTEGRATORS
 from .base import IntegratorContext
+from .convolutional import AvgPoolProjector
 from .llm_layers import HookSet, InLLMIntegrator, attention, llm_shape, marker_token, merge_heads, split_heads
 
 
@@ -33,12 +36,16 @@ class _FeedForward(nn.Sequential):
 
 
 class LatentResampler(nn.Module):
-    """Learned latents cross-attending to one image's tokens: (M, N, D_v) → (M, num_latents, dim)."""
+    """Learned latents cross-attending to one image's tokens: (M, N, D_v) → (M, num_latents, dim).
+
+    With `whole_image` (average pooling to one token at the latents' width) that token comes first, beside
+    the latents, as the prefix abstractors' `global_token`: queries learn where before what colour."""
 
     def __init__(self, vision_dim: int, num_input_tokens: int, dim: int, num_latents: int, heads: int,
-                 ffn_mult: int, depth: int):
+                 ffn_mult: int, depth: int, whole_image: AvgPoolProjector | None = None):
         super().__init__()
         self.heads = heads
+        self.whole_image = whole_image
         self.input = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, dim))
         self.position = nn.Parameter(torch.randn(num_input_tokens, dim) * 0.02)
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
@@ -64,7 +71,17 @@ class LatentResampler(nn.Module):
             maps.append(probs)
             lat = lat + layer["out"](merge_heads(out))
             lat = lat + layer["ffn"](lat)
+        if self.whole_image is not None:
+            lat = torch.cat([self.whole_image(features).to(lat.dtype), lat], dim=1)
+            maps = [torch.cat([self._whole_image_row(m), m], dim=-2) for m in maps]
         return self.norm(lat), maps
+
+    def _whole_image_row(self, maps: torch.Tensor) -> torch.Tensor:
+        """The whole-image token's row of a latent→token map (M, heads, L, N): every patch alike, a CLS none."""
+        row = self.whole_image.receptive_field().to(maps)  # (1, h·w)
+        if row.shape[-1] < maps.shape[-1]:
+            row = torch.cat([row.new_zeros(1, maps.shape[-1] - row.shape[-1]), row], dim=-1)
+        return row.expand(*maps.shape[:-2], 1, -1)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -106,12 +123,13 @@ class GatedCrossAttention(InLLMIntegrator):
         num_heads: attention heads (at least 1)
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
         resampler_depth: resampler layers before the LLM (at least 1)
+        global_token: one more latent first, the whole image average-pooled (as the prefix abstractors' option)
     """
 
     _needs = ()
 
     def __init__(self, context: IntegratorContext, num_latents: int = 16, every: int = 4, hidden_dim: int | None = None,
-                 num_heads: int = 4, ffn_mult: int = 2, resampler_depth: int = 1):
+                 num_heads: int = 4, ffn_mult: int = 2, resampler_depth: int = 1, global_token: bool = False):
         super().__init__(context)
         shape = llm_shape(context, self.registry_name)
         if num_latents < 1 or every < 1 or num_heads < 1 or ffn_mult < 1 or resampler_depth < 1:
@@ -121,8 +139,10 @@ class GatedCrossAttention(InLLMIntegrator):
             raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_llm_layers = shape.num_layers
         self.block_layers = list(range(context.entry_layer, shape.num_layers, every))
+        whole_image = (AvgPoolProjector(replace(context, llm_hidden=dim), num_tokens=1, output_norm=False)
+                       if global_token else None)
         self.resampler = LatentResampler(context.vision_dim, context.num_input_tokens, dim, num_latents, num_heads,
-                                         ffn_mult, resampler_depth)
+                                         ffn_mult, resampler_depth, whole_image)
         self.blocks = nn.ModuleDict({str(i): GatedCrossAttentionBlock(context.llm_hidden, dim, num_heads, ffn_mult)
                                      for i in self.block_layers})
         self.marker = marker_token(context)  # the <image> media token
