@@ -220,7 +220,7 @@ def test_gradients_reach_exactly_the_integrator(name, tiny_config, example_image
 def test_gated_xattn_global_token_is_a_whole_image_latent_read_first(tiny_config, example_image):
     """The global token: one more latent, first, the patches' average (a CLS left out), trained through the
     blocks, with a uniform row over the patches in the recorded latent→token map."""
-    plain, model = build(tiny_config, "gated_xattn"), build(tiny_config, "gated_xattn", global_token=True)
+    plain, model = build(tiny_config, "gated_xattn", global_token=False), build(tiny_config, "gated_xattn")
     integ = model.integrator
     perturb(integ)
     integ.record_attention = True
@@ -321,11 +321,11 @@ def test_record_attention(name, tiny_config, example_image):
     ones = lambda t: torch.allclose(t.sum(-1), torch.ones(()), atol=1e-5)  # noqa: E731
     if name == "gated_xattn":
         latents = rec.latent_to_image[0]  # the resampler's one layer
-        assert ones(latents) and latents.shape[-2:] == (16, model.integrator.context.num_input_tokens)
+        assert ones(latents) and latents.shape[-2:] == (16 + 1, model.integrator.context.num_input_tokens)  # + global
         layers = model.integrator.block_layers
         for i in layers:
             attn = rec.text_to_latent[i]
-            assert attn.shape[:2] == (2, 4) and attn.shape[-1] == 16
+            assert attn.shape[:2] == (2, 4) and attn.shape[-1] == 16 + 1
             assert ones(attn[0]) and not attn[1].any()  # the text-only row attends to nothing
             assert rec.gates[i].shape == () and -1 < float(rec.gates[i]) < 1
             alpha = model.integrator.blocks[str(i)].alpha_attn.detach()

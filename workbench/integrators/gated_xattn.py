@@ -123,13 +123,13 @@ class GatedCrossAttention(InLLMIntegrator):
         num_heads: attention heads (at least 1)
         ffn_mult: feed-forward width as a multiple of hidden_dim (at least 1)
         resampler_depth: resampler layers before the LLM (at least 1)
-        global_token: one more latent first, the whole image average-pooled (as the prefix abstractors' option)
+        global_token: one more latent first, the whole image average-pooled (as the prefix abstractors'; on by default)
     """
 
     _needs = ()
 
     def __init__(self, context: IntegratorContext, num_latents: int = 16, every: int = 4, hidden_dim: int | None = None,
-                 num_heads: int = 4, ffn_mult: int = 2, resampler_depth: int = 1, global_token: bool = False):
+                 num_heads: int = 4, ffn_mult: int = 2, resampler_depth: int = 1, global_token: bool = True):
         super().__init__(context)
         shape = llm_shape(context, self.registry_name)
         if num_latents < 1 or every < 1 or num_heads < 1 or ffn_mult < 1 or resampler_depth < 1:
