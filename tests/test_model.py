@@ -144,6 +144,25 @@ def test_save_and_load_round_trip(tiny_model, example_image, tmp_path):
     assert torch.allclose(before, after, atol=1e-6)
 
 
+def test_a_saved_model_keeps_its_integrator_options_when_a_default_changes(tiny_config, tmp_path, monkeypatch):
+    """config.yaml holds every integrator option, defaults included: turning a default on or off later (as
+    `global_token` was) must not rebuild a saved model differently from its weights."""
+    from workbench.config import IntegratorSpec, load_model_config
+    from workbench.integrators.abstractors import QFormer
+
+    config = copy.deepcopy(tiny_config)
+    config.integrator = IntegratorSpec(name="qformer", options={"num_queries": 3})
+    path = VisionLanguageModel.from_config(config).save_pretrained(tmp_path / "run")
+    saved = load_model_config(path / "config.yaml").integrator.options
+    assert saved["num_queries"] == 3 and saved["global_token"] is True and saved["num_layers"] == 4
+    assert config.integrator.options == {"num_queries": 3}  # the live model's config is left as given
+    defaults = list(QFormer.__init__.__defaults__)
+    defaults[-1] = not defaults[-1]  # global_token's default flips after the model was saved
+    monkeypatch.setattr(QFormer.__init__, "__defaults__", tuple(defaults))
+    loaded = VisionLanguageModel.from_pretrained(path)
+    assert loaded.integrator.global_token is not None and loaded.num_visual_tokens == 3 + 1
+
+
 def test_unfrozen_parts_are_saved_and_restored(tiny_model, example_image, tmp_path):
     tiny_model.set_trainable(llm=True, encoder=True)
     with torch.no_grad():
@@ -169,8 +188,9 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
 
 def test_mismatched_weights_are_refused(tiny_model, tiny_config, tmp_path):
     path = tiny_model.save_pretrained(tmp_path / "m")
-    config_text = (path / "config.yaml").read_text().replace("options: {}", "options:\n    depth: 3")
-    (path / "config.yaml").write_text(config_text)
+    config_text = (path / "config.yaml").read_text()
+    assert "depth: 2" in config_text  # every integrator option is saved, the defaults too
+    (path / "config.yaml").write_text(config_text.replace("depth: 2", "depth: 3"))
     with pytest.raises(ConfigError, match="does not match"):
         VisionLanguageModel.from_pretrained(path)
 

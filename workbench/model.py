@@ -26,7 +26,7 @@ from .data.prompting import IGNORE_INDEX, IMAGE_TOKEN_INDEX, EncodedConversation
 from .encoders import VisionEncoder, build_encoder
 from .errors import ConfigError
 from .images import ImageSource, load_image
-from .integrators import Integrator, IntegratorContext, build_integrator
+from .integrators import Integrator, IntegratorContext, build_integrator, resolved_integrator_options
 from .llm import load_llm, resolve_device, training_attention
 from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
 from .peft_modules import generate as peft_generate
@@ -146,7 +146,8 @@ class VisionLanguageModel(nn.Module):
         self.config.llm.frozen = not any(p.requires_grad for p in self._llm_own_parameters())
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            save_model_config(self.config, tmp / "config.yaml")
+            integrator = replace(self.config.integrator, options=resolved_integrator_options(self.config.integrator))
+            save_model_config(replace(self.config, integrator=integrator), tmp / "config.yaml")
             files = {}
             for part, module in self._parts().items():
                 spec = getattr(self.config, part)

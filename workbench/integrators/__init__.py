@@ -50,6 +50,12 @@ def check_integrator_options(spec: IntegratorSpec) -> dict:
     return check_options(f"integrator '{spec.name}'", integrator_options(spec.name), spec.options)
 
 
+def resolved_integrator_options(spec: IntegratorSpec) -> dict:
+    """Every option of the spec's integrator with its value, defaults included: what a saved model writes, so
+    that a later change of a default (e.g. `global_token` turned on) does not change the model it rebuilds."""
+    return {o.name: o.default for o in integrator_options(spec.name)} | check_integrator_options(spec)
+
+
 def build_integrator(spec: IntegratorSpec, context: IntegratorContext) -> Integrator:
     cls = INTEGRATORS.get(spec.name)
     options = check_integrator_options(spec)
@@ -87,4 +93,4 @@ def integrator_catalog(context: IntegratorContext | None = None) -> list[dict]:
 discover(__name__, __path__)
 
 __all__ = ["INTEGRATORS", "Integrator", "IntegratorContext", "build_integrator", "check_integrator_options",
-           "integrator_catalog", "integrator_options"]
+           "integrator_catalog", "integrator_options", "resolved_integrator_options"]
