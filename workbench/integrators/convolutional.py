@@ -12,6 +12,7 @@ output token draws on each input patch — exact for pooling, structural for the
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -361,15 +362,21 @@ class AvgPoolProjector(_GridIntegrator):
 
 # ---------------------------------------------------------------------------------------------- global token
 
-def whole_image_token(context: IntegratorContext, input_norm: InputNorm) -> AvgPoolProjector:
-    """The abstractors' `global_token` option: average pooling to one token, put first, before their own.
+def whole_image_token(context: IntegratorContext, input_norm: InputNorm, width: int | None = None) -> AvgPoolProjector:
+    """The `global_token` option: average pooling to one token, put first, before the integrator's own.
+
+    `width`: the token's width when it joins latents narrower than the LLM (gated cross-attention's resampler);
+    it is then left unscaled, since the latents are normalised after it, not put at the text embeddings' scale.
 
     Abstractors that start from random queries or deep convolution stacks learn *where* (shape) well before
     *what colour* (bench/RESULTS.md); average pooling reads global properties from the first steps. A global
     view beside the local tokens is also what LLaVA-NeXT's base image and InternVL's thumbnail give their LLMs.
-    On by default: with it, each of the three abstractors learned colour within its usual step count.
+    On by default: with it, each of the abstractors and gated cross-attention learned colour within its usual
+    step count.
     """
-    return AvgPoolProjector(context, num_tokens=1, input_norm=input_norm)
+    if width is None:
+        return AvgPoolProjector(context, num_tokens=1, input_norm=input_norm)
+    return AvgPoolProjector(replace(context, llm_hidden=width), num_tokens=1, input_norm=input_norm, output_norm=False)
 
 
 def with_whole_image_token(pool: AvgPoolProjector | None, features: torch.Tensor,

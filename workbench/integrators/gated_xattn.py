@@ -19,14 +19,12 @@ slots) and its attention gate tanh(alpha_attn) in `gates[layer]`.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
 from . import INTEGRATORS
 from .base import IntegratorContext
-from .convolutional import AvgPoolProjector
+from .convolutional import AvgPoolProjector, whole_image_token
 from .llm_layers import HookSet, InLLMIntegrator, attention, llm_shape, marker_token, merge_heads, split_heads
 
 
@@ -139,8 +137,7 @@ class GatedCrossAttention(InLLMIntegrator):
             raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_llm_layers = shape.num_layers
         self.block_layers = list(range(context.entry_layer, shape.num_layers, every))
-        whole_image = (AvgPoolProjector(replace(context, llm_hidden=dim), num_tokens=1, output_norm=False)
-                       if global_token else None)
+        whole_image = whole_image_token(context, True, width=dim) if global_token else None
         self.resampler = LatentResampler(context.vision_dim, context.num_input_tokens, dim, num_latents, num_heads,
                                          ffn_mult, resampler_depth, whole_image)
         self.blocks = nn.ModuleDict({str(i): GatedCrossAttentionBlock(context.llm_hidden, dim, num_heads, ffn_mult)
