@@ -331,6 +331,9 @@ class TrainingSpec:
     """Keep the hidden states of the LLM's bottom layers when they are frozen and see only text (the image
     enters above them), so training runs only the layers that learn (see training/text_state_cache.py)."""
     text_state_cache_mb: float = 2048.0
+    share_prefix: bool = True
+    """Run the tokens every sample of a batch starts with (system prompt, chat template) once per step instead
+    of once per sample, where that is an exact rewrite (see shared_prefix.py)."""
     save_every: int = 0
     """Steps between checkpoints (0: by time only; there is always one at the end of each stage and on cancel)."""
     save_every_minutes: float = 5.0

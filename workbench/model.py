@@ -32,6 +32,7 @@ from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm,
 from .peft_modules import generate as peft_generate
 from .peft_modules import peft_parameters, save_peft, virtual_tokens
 from .visual_entry import hidden_norm_at, resolve_entry_layer, span_mask, visual_entry, with_placeholders
+from .shared_prefix import prefix_cache, rest_attention_mask, rest_positions, shared_prefix_length
 
 FORMAT_NAME = "workbench-vlm"
 FORMAT_VERSION = 1
@@ -386,13 +387,15 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 image_to_sample: torch.Tensor | None = None, answer_logits_only: bool = False, text_states=None,
-                **llm_kwargs):
+                share_prefix: bool = False, **llm_kwargs):
         """Loss/logits for a padded batch. Give `pixel_values` or precomputed `image_features` (cache).
 
         `answer_logits_only` (training): the LM head runs only at positions that predict an answer token,
         not over the whole sequence. Same loss, and the full-vocabulary projection is ~20% of the
         compute of a small LLM; `logits` then holds only those positions.
         `text_states` (training): a `TextStateCache` whose bottom frozen layers are skipped (same loss).
+        `share_prefix` (training, with `answer_logits_only`): the tokens every row starts with run once
+        (shared_prefix.py; same loss, where `shared_prefix.why_not_shared` finds none of its exclusions).
         """
         features = image_features
         if features is None and pixel_values is not None:
@@ -400,10 +403,10 @@ class VisionLanguageModel(nn.Module):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "image_to_sample": image_to_sample}
         return self.run_llm(batch, features, answer_logits_only=answer_logits_only, text_states=text_states,
-                            **llm_kwargs)[0]
+                            share_prefix=share_prefix, **llm_kwargs)[0]
 
     def run_llm(self, batch: dict, features: torch.Tensor | None, answer_logits_only: bool = False,
-                embeds_require_grad: bool = False, text_states=None, **llm_kwargs):
+                embeds_require_grad: bool = False, text_states=None, share_prefix: bool = False, **llm_kwargs):
         """Splice visual tokens into the text and run the LLM (with in-LLM integrators given the features).
 
         Returns (LLM output, the spliced MultimodalInputs): front ends that inspect a pass (attention
@@ -422,20 +425,33 @@ class VisionLanguageModel(nn.Module):
             targets = inputs.labels[:, 1:]
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()  # positions predicting answers
             llm_kwargs["logits_to_keep"] = keep
-        embeds, layers = with_placeholders(inputs.inputs_embeds, slots), contextlib.nullcontext()
+        embeds = with_placeholders(inputs.inputs_embeds, slots)
         if text_states is not None:  # start at the cut with the cached states of the frozen text-only layers
             ids = batch["input_ids"]
             rows = [self.text_state_key(r[batch["attention_mask"][b].bool()]) for b, r in enumerate(ids)]
             embeds = text_states.lookup(self, rows).to(embeds.dtype)
-            layers = text_states.upper_layers()
+        layers = text_states.upper_layers if text_states is not None else contextlib.nullcontext
+        prefix = shared_prefix_length(batch["input_ids"], batch["attention_mask"], int(keep.min())) \
+            if share_prefix and keep is not None and len(keep) else 0
+        visual, mask = inputs.inputs_embeds, inputs.attention_mask
+        if prefix:  # the rows' common start runs once; the rest of each row reads its keys and values
+            with layers(), training_attention(embeds.device, prefix):
+                llm_kwargs["past_key_values"] = prefix_cache(self.llm, embeds[:1, :prefix], embeds.shape[0])
+            kernel_name = getattr(base_llm(self.llm).config, "_attn_implementation", None) or "eager"
+            llm_kwargs["position_ids"] = rest_positions(mask, prefix)
+            llm_kwargs["logits_to_keep"] = keep - prefix
+            llm_kwargs["use_cache"] = True
+            embeds, visual, slots = embeds[:, prefix:], visual[:, prefix:], slots[:, prefix:] if slots is not None \
+                else None
+            mask = rest_attention_mask(mask, prefix, embeds.dtype, kernel_name)
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
             # the entry hook first: it finds its layer by index in the full decoder, before the cache cuts it
             # (a checkpointed layer recomputes in backward, outside this block: it keeps one kernel for both)
             kernel = contextlib.nullcontext() if self.gradient_checkpointing else \
                 training_attention(embeds.device, embeds.shape[1])
-            with visual_entry(self.llm, self.entry_layer, inputs.inputs_embeds, slots), layers, kernel:
-                out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+            with visual_entry(self.llm, self.entry_layer, visual, slots), layers(), kernel:
+                out = self.llm(inputs_embeds=embeds, attention_mask=mask,
                                labels=None if keep is not None else inputs.labels, **llm_kwargs)
         finally:
             self.integrator.set_visual_context(None, None)

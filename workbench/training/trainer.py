@@ -192,6 +192,7 @@ class Trainer:
         if t.cache_features and self.model.encoder.frozen and self.cache is None:
             self.cache = FeatureCache(self.model.encoder)
         self.text_states = self._text_state_cache(index, dataset)
+        self.share_prefix = self._shared_prefix(index, dataset)
         self._log("stage", stage=index, name=stage.name, samples=len(dataset), batches=total_batches,
                   updates=total_updates, trainable=len(trainable),
                   trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
@@ -248,7 +249,8 @@ class Trainer:
     def _step(self, s: "_Stage", batch: dict) -> None:
         """Forward, backward, clip, optimizer and schedule (once per update), under gradient accumulation."""
         with self.accelerator.accumulate(s.model):
-            loss = s.model(**batch, answer_logits_only=True, text_states=self.text_states).loss
+            loss = s.model(**batch, answer_logits_only=True, text_states=self.text_states,
+                           share_prefix=self.share_prefix).loss
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 s.norm = self.accelerator.clip_grad_norm_(
@@ -353,28 +355,60 @@ class Trainer:
             self._log("text_state_cache", stage=stage, cut=0, reason=why)
             return None
         cache = TextStateCache(self.model, cut, self.run.training.text_state_cache_mb)
+        check = self._check_rewrite(dataset, dict(text_states=cache))
+        if check is None:
+            return cache
+        plain, cached = check
+        if not self._same_loss(plain, cached):
+            self._log("text_state_cache", stage=stage, cut=0, reason=f"check failed: loss {plain:.6f} without the "
+                                                                    f"cache, {cached:.6f} with it")
+            return None
+        self._log("text_state_cache", stage=stage, cut=cut, reason=why, check_loss=plain, check_diff=plain - cached)
+        return cache
+
+    def _shared_prefix(self, stage: int, dataset) -> bool:
+        """Whether training steps run the batch's common leading tokens once (shared_prefix.py): only where it is
+        an exact rewrite, checked on one batch like the text-state cache; the decision and why are logged."""
+        from ..shared_prefix import why_not_shared
+
+        if not self.run.training.share_prefix:
+            return False
+        why = why_not_shared(self.model)
+        if why is None:
+            check = self._check_rewrite(dataset, dict(text_states=self.text_states, share_prefix=True),
+                                        plain=dict(text_states=self.text_states))
+            if check is not None and not self._same_loss(*check):
+                why = f"check failed: loss {check[0]:.6f} without it, {check[1]:.6f} with it"
+        if why is not None:
+            self._log("shared_prefix", stage=stage, used=False, reason=why)
+            return False
+        self._log("shared_prefix", stage=stage, used=True,
+                  check_diff=None if check is None else check[0] - check[1])
+        return True
+
+    def _check_rewrite(self, dataset, rewritten: dict, plain: dict | None = None) -> tuple[float, float] | None:
+        """(loss of the ordinary forward, loss with the `rewritten` keywords) on one small batch of `dataset`
+        without dropout; None when no batch of the first rows can be built."""
         batch = None
         for start in range(0, min(len(dataset), 64), 8):
             batch = self._batch([dataset[i] for i in range(start, min(len(dataset), start + 8))])
             if batch is not None:
                 break
         if batch is None:
-            return cache
+            return None
         was_training = self.model.training
         self.model.eval()  # no dropout: the two passes must be comparable
         try:
             with torch.no_grad(), self.accelerator.autocast():
-                plain = self.model(**batch, answer_logits_only=True).loss.item()
-                cached = self.model(**batch, answer_logits_only=True, text_states=cache).loss.item()
+                before = self.model(**batch, answer_logits_only=True, **(plain or {})).loss.item()
+                after = self.model(**batch, answer_logits_only=True, **rewritten).loss.item()
         finally:
             self.model.train(was_training)
+        return before, after
+
+    def _same_loss(self, plain: float, rewritten: float) -> bool:
         tolerance = 1e-4 if self._precision() == "no" else 2e-2
-        if not abs(plain - cached) <= tolerance * max(1.0, abs(plain)):
-            self._log("text_state_cache", stage=stage, cut=0, reason=f"check failed: loss {plain:.6f} without the "
-                                                                    f"cache, {cached:.6f} with it")
-            return None
-        self._log("text_state_cache", stage=stage, cut=cut, reason=why, check_loss=plain, check_diff=plain - cached)
-        return cache
+        return abs(plain - rewritten) <= tolerance * max(1.0, abs(plain))
 
     def _balance(self, stage: StageSpec, dataset) -> torch.Tensor | None:
         """Sampling weights when the stage's data asks for answer balancing (logged with what it changes)."""
