@@ -295,6 +295,8 @@ class StageSpec:
     lr: float = 1e-3
     """Learning rate of the integrator (and of in-LLM integrator modules)."""
     lr_llm: float = 2e-5
+    loraplus_lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al., 2024): LoRA's B matrices learn at lr_llm times this (A at lr_llm); 1 is plain LoRA."""
     lr_encoder: float = 1e-5
     epochs: float = 1.0
     max_steps: int | None = None
@@ -375,6 +377,8 @@ class RunConfig:
         for s in self.stages or []:
             if s.llm not in ("frozen", "full", "peft"):
                 raise ConfigError(f"stage '{s.name}': llm must be frozen, full or peft, not '{s.llm}'")
+            if not s.loraplus_lr_ratio > 0:
+                raise ConfigError(f"stage '{s.name}': loraplus_lr_ratio must be above 0, not {s.loraplus_lr_ratio}")
             if s.llm == "peft" and self.model.peft.method == "none":
                 raise ConfigError(f"stage '{s.name}' trains PEFT modules but model.peft.method is none")
             if s.epochs <= 0 and not s.max_steps:

@@ -133,9 +133,13 @@ class Trainer:
     def _optimizer(self, stage: StageSpec):
         groups = []
         for part, lr in (("integrator", stage.lr), ("llm", stage.lr_llm), ("encoder", stage.lr_encoder)):
-            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
+            named = [(n, p) for n, p in getattr(self.model, part).named_parameters() if p.requires_grad]
+            lora_b = [p for n, p in named if part == "llm" and stage.loraplus_lr_ratio != 1 and ".lora_B." in n]
+            params = [p for n, p in named if not any(p is q for q in lora_b)]
             if params:
                 groups.append({"params": params, "lr": lr, "name": part})
+            if lora_b:
+                groups.append({"params": lora_b, "lr": lr * stage.loraplus_lr_ratio, "name": "llm-lora-B"})
         if not groups:
             raise ConfigError(f"Stage '{stage.name}' has nothing to train")
         return torch.optim.AdamW(groups, weight_decay=self.run.training.weight_decay)
