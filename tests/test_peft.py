@@ -195,7 +195,8 @@ def test_loraplus_gives_loras_b_matrices_their_own_learning_rate(tiny_config, tm
     config.peft = PeftSpec(method="lora", r=4, alpha=8)
     run = RunConfig(model=config, stages=[StageSpec(name="adapt", llm="peft", lr=1e-3, lr_llm=2e-4,
                                                     loraplus_lr_ratio=16)]).validate()
-    trainer = Trainer(run, tmp_path / "run", datasets={})
+    torch.manual_seed(0)
+    trainer = Trainer(run, tmp_path / "run", model=VisionLanguageModel.from_config(config), datasets={})
     trainer._apply_recipe(run.stages[0])
     groups = {g["name"]: g for g in trainer._optimizer(run.stages[0]).param_groups}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
