@@ -31,8 +31,8 @@ from .llm import load_llm, resolve_device, training_attention
 from .peft_modules import ADAPTER_DIR, unique_parameters, attach_peft, base_llm, check_peft_spec, is_peft_model, load_peft
 from .peft_modules import generate as peft_generate
 from .peft_modules import peft_parameters, save_peft, virtual_tokens
+from .shared_prefix import run_prefix, shared_prefix_length
 from .visual_entry import hidden_norm_at, resolve_entry_layer, span_mask, visual_entry, with_placeholders
-from .shared_prefix import prefix_cache, rest_attention_mask, rest_positions, shared_prefix_length
 
 FORMAT_NAME = "workbench-vlm"
 FORMAT_VERSION = 1
@@ -436,14 +436,10 @@ class VisionLanguageModel(nn.Module):
         visual, mask = inputs.inputs_embeds, inputs.attention_mask
         if prefix:  # the rows' common start runs once; the rest of each row reads its keys and values
             with layers(), training_attention(embeds.device, prefix):
-                llm_kwargs["past_key_values"] = prefix_cache(self.llm, embeds[:1, :prefix], embeds.shape[0])
-            kernel_name = getattr(base_llm(self.llm).config, "_attn_implementation", None) or "eager"
-            llm_kwargs["position_ids"] = rest_positions(mask, prefix)
-            llm_kwargs["logits_to_keep"] = keep - prefix
-            llm_kwargs["use_cache"] = True
-            embeds, visual, slots = embeds[:, prefix:], visual[:, prefix:], slots[:, prefix:] if slots is not None \
-                else None
-            mask = rest_attention_mask(mask, prefix, embeds.dtype, kernel_name)
+                llm_kwargs.update(run_prefix(self.llm, embeds, mask, prefix, keep))
+            mask = llm_kwargs.pop("attention_mask")
+            embeds, visual = embeds[:, prefix:], visual[:, prefix:]
+            slots = None if slots is None else slots[:, prefix:]
         self.integrator.set_visual_context(features, batch.get("image_to_sample"))
         try:
             # the entry hook first: it finds its layer by index in the full decoder, before the cache cuts it

@@ -92,3 +92,15 @@ def rest_positions(attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:
     """(B, L - prefix) position ids of the rest of each row: they continue the prefix's."""
     B, L = attention_mask.shape
     return torch.arange(prefix, L, device=attention_mask.device).expand(B, -1)
+
+
+def run_prefix(llm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: int,
+               logits_to_keep: torch.Tensor) -> dict:
+    """Run the first `prefix` positions of row 0 once; the keyword arguments that make the LLM run the rest of
+    every row (`embeds[:, prefix:]`) as the ordinary forward would: the prefix's keys and values, positions,
+    the attention mask, and the answer positions shifted to the rest."""
+    kernel = getattr(base_llm(llm).config, "_attn_implementation", None) or "eager"
+    return {"past_key_values": prefix_cache(llm, embeds[:1, :prefix], embeds.shape[0]), "use_cache": True,
+            "position_ids": rest_positions(attention_mask, prefix),
+            "attention_mask": rest_attention_mask(attention_mask, prefix, embeds.dtype, kernel),
+            "logits_to_keep": logits_to_keep - prefix}
