@@ -9,10 +9,10 @@ import torch
 from workbench.config import IntegratorSpec, PeftSpec, RunConfig, StageSpec, TrainingSpec
 from workbench.data.prompting import IMAGE_TOKEN_INDEX
 from workbench.data.samples import Sample, SampleDataset
-from workbench.llm import set_attention_implementation
+from workbench.llm import set_attention_implementation, training_precision
 from workbench.model import VisionLanguageModel
 from workbench.peft_modules import base_llm
-from workbench.shared_prefix import rest_attention_mask, shared_prefix_length, why_not_shared
+from workbench.shared_prefix import rest_attention_mask, shared_prefix_length, why_not_by_setting, why_not_shared
 from workbench.training.metrics import read_metrics
 from workbench.training.text_state_cache import TextStateCache, frozen_text_layers
 from workbench.training.trainer import Trainer
@@ -113,12 +113,23 @@ def test_trainer_shares_the_prefix_when_it_qualifies_and_says_why_not(tiny_confi
         assert [r for r in rows if r["kind"] == "train"]
         return [r for r in rows if r["kind"] == "shared_prefix"]
 
-    used = train(_config_of(tiny_config), "used")
-    assert used[0]["used"] is True and used[0]["check_diff"] == pytest.approx(0.0, abs=1e-5)
-    refused = train(_config_of(tiny_config, integrator="llama_adapter", num_layers=1), "refused")
+    # the precision stays auto: accelerate fixes one mixed precision per process
+    used = train(_config_of(tiny_config), "used", share_prefix=True)
+    assert used[0]["used"] is True and abs(used[0]["check_diff"]) < 0.05
+    refused = train(_config_of(tiny_config, integrator="llama_adapter", num_layers=1), "refused", share_prefix=True)
     assert refused[0]["used"] is False and "inside its layers" in refused[0]["reason"]
+    auto = train(_config_of(tiny_config), "auto")
+    expected = why_not_by_setting("auto", training_precision("auto", "cpu"))
+    assert auto[0]["used"] is (expected is None) and auto[0].get("reason") == expected
     assert train(_config_of(tiny_config), "off", share_prefix=False) == []
 
 
 def _config_of(tiny_config, integrator="mlp", **options):
     return _model(tiny_config, integrator=integrator, **options).config
+
+
+def test_auto_shares_in_fp32_only_and_true_forces_it():
+    assert why_not_by_setting("auto", "no") is None
+    assert "autocast" in why_not_by_setting("auto", "bf16") and "autocast" in why_not_by_setting("auto", "fp16")
+    assert why_not_by_setting(True, "bf16") is None
+    assert why_not_by_setting(False, "no") is not None

@@ -333,9 +333,10 @@ class TrainingSpec:
     """Keep the hidden states of the LLM's bottom layers when they are frozen and see only text (the image
     enters above them), so training runs only the layers that learn (see training/text_state_cache.py)."""
     text_state_cache_mb: float = 2048.0
-    share_prefix: bool = True
-    """Run the tokens every sample of a batch starts with (system prompt, chat template) once per step instead
-    of once per sample, where that is an exact rewrite (see shared_prefix.py)."""
+    share_prefix: bool | str = "auto"
+    """auto, true or false. Run the tokens every sample of a batch starts with (system prompt, chat template)
+    once per step instead of once per sample, where that is an exact rewrite (see shared_prefix.py). auto uses
+    it in fp32 only: under bf16 autocast on a CPU it did not pay (bench/RESULTS.md, shared_prefix)."""
     save_every: int = 0
     """Steps between checkpoints (0: by time only; there is always one at the end of each stage and on cancel)."""
     save_every_minutes: float = 5.0
@@ -369,6 +370,8 @@ class RunConfig:
         if t.gradient_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"training.gradient_checkpointing must be auto, true or false, not "
                               f"{t.gradient_checkpointing!r}")
+        if t.share_prefix not in (True, False, "auto"):
+            raise ConfigError(f"training.share_prefix must be auto, true or false, not {t.share_prefix!r}")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"training.precision must be auto, fp32, bf16 or fp16, not '{t.precision}'")
         for spec in [self.data] + [s.data for s in self.stages or [] if s.data is not None]:

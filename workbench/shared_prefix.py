@@ -47,6 +47,16 @@ def why_not_shared(model) -> str | None:
     return None
 
 
+def why_not_by_setting(setting: bool | str, precision: str) -> str | None:
+    """None when `training.share_prefix` asks for it at this mixed precision ("no", "bf16", "fp16"), else why
+    not: auto shares in fp32 only, since under a CPU's bf16 autocast it did not pay (bench/shared_prefix.py)."""
+    if setting is False:
+        return "training.share_prefix is false"
+    if setting == "auto" and precision != "no":
+        return f"{precision} autocast (auto shares it in fp32 only; training.share_prefix: true forces it)"
+    return None
+
+
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, limit: int) -> int:
     """The number of leading tokens that every row of a right-padded batch has in common, before any image
     placeholder and at most `limit` (the first position whose logits are needed); 0 when sharing would not pay."""

@@ -373,11 +373,12 @@ class Trainer:
     def _shared_prefix(self, stage: int, dataset) -> bool:
         """Whether training steps run the batch's common leading tokens once (shared_prefix.py): only where it is
         an exact rewrite, checked on one batch like the text-state cache; the decision and why are logged."""
-        from ..shared_prefix import why_not_shared
+        from ..shared_prefix import why_not_by_setting, why_not_shared
 
-        if not self.run.training.share_prefix:
+        if self.run.training.share_prefix is False:
             return False
-        why = why_not_shared(self.model)
+        why = why_not_by_setting(self.run.training.share_prefix, self._precision()) or why_not_shared(self.model)
+        check = None
         if why is None:
             check = self._check_rewrite(dataset, dict(text_states=self.text_states, share_prefix=True),
                                         plain=dict(text_states=self.text_states))
