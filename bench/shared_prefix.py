@@ -90,6 +90,7 @@ def main() -> int:
     import torch
 
     from workbench.llm import training_precision
+    from workbench.shared_prefix import shared_prefix_length
 
     precisions = ["fp32"] + (["bf16"] if training_precision("auto", "cpu") == "bf16" else [])
     headers = ["integrator", "precision", "s/step without", "s/step with", "speed-up", "visual tokens",
@@ -98,8 +99,6 @@ def main() -> int:
     load = C.OtherLoad()
     for name in [n for n in args.only.split(",") if n]:
         model, cache, optimizer, batches = build(name)
-        from workbench.shared_prefix import shared_prefix_length
-
         prefix = shared_prefix_length(batches[0]["input_ids"], batches[0]["attention_mask"],
                                       batches[0]["input_ids"].shape[1])
         for precision in precisions:

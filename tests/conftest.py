@@ -95,6 +95,18 @@ def example_image() -> Path:
     return EXAMPLE_IMAGE
 
 
+def train_tiny(config, run_dir: Path, data, epochs: float = 2, **training) -> list[dict]:
+    """Train `config` on `data` as one PEFT stage (batches of 4, a metrics row per step); the run's metrics rows."""
+    from workbench.config import RunConfig, StageSpec, TrainingSpec
+    from workbench.training.metrics import read_metrics
+    from workbench.training.trainer import Trainer
+
+    run = RunConfig(model=config, stages=[StageSpec(name="adapt", llm="peft", lr=1e-2, lr_llm=1e-2, epochs=epochs)],
+                    training=TrainingSpec(batch_size=4, log_every=1, cache_features=False, **training))
+    Trainer(run, run_dir, datasets={"adapt": data}).train()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
 def image_beside(folder: Path, source: Path = EXAMPLE_IMAGE) -> str:
     """Copy an image into a dataset's folder and return its relative name: data files may only name images
     inside their own folder."""

@@ -6,16 +6,15 @@ import copy
 import pytest
 import torch
 
-from workbench.config import IntegratorSpec, PeftSpec, RunConfig, StageSpec, TrainingSpec
+from conftest import train_tiny
+from workbench.config import IntegratorSpec, PeftSpec
 from workbench.data.prompting import IMAGE_TOKEN_INDEX
 from workbench.data.samples import Sample, SampleDataset
 from workbench.llm import set_attention_implementation, training_precision
 from workbench.model import VisionLanguageModel
 from workbench.peft_modules import base_llm
 from workbench.shared_prefix import rest_attention_mask, shared_prefix_length, why_not_by_setting, why_not_shared
-from workbench.training.metrics import read_metrics
 from workbench.training.text_state_cache import TextStateCache, frozen_text_layers
-from workbench.training.trainer import Trainer
 
 QA = [{"role": "user", "content": "<image>\nwhat color is the shape?"}, {"role": "assistant", "content": "red"}]
 QB = [{"role": "user", "content": "<image>\nis there a circle in the image?"}, {"role": "assistant", "content": "yes"}]
@@ -106,10 +105,7 @@ def test_trainer_shares_the_prefix_when_it_qualifies_and_says_why_not(tiny_confi
     data = SampleDataset([Sample(QA, [example_image]), Sample(QB, [example_image])] * 4)
 
     def train(config, name, **training):
-        run = RunConfig(model=config, stages=[StageSpec(name="adapt", llm="peft", lr=1e-2, lr_llm=1e-2, epochs=2)],
-                        training=TrainingSpec(batch_size=4, log_every=1, cache_features=False, **training))
-        Trainer(run, tmp_path / name, datasets={"adapt": data}).train()
-        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        rows = train_tiny(config, tmp_path / name, data, epochs=2, **training)
         assert [r for r in rows if r["kind"] == "train"]
         return [r for r in rows if r["kind"] == "shared_prefix"]
 

@@ -5,12 +5,11 @@ import copy
 import pytest
 import torch
 
-from workbench.config import IntegratorSpec, PeftSpec, RunConfig, StageSpec, TrainingSpec
+from conftest import train_tiny
+from workbench.config import IntegratorSpec, PeftSpec
 from workbench.data.samples import Sample, SampleDataset
 from workbench.model import VisionLanguageModel
-from workbench.training.metrics import read_metrics
 from workbench.training.text_state_cache import TextStateCache, frozen_text_layers
-from workbench.training.trainer import Trainer
 
 QA = [{"role": "user", "content": "<image>\nwhat color is the shape?"}, {"role": "assistant", "content": "red"}]
 QB = [{"role": "user", "content": "<image>\nis there a circle in the image?"}, {"role": "assistant", "content": "yes"}]
@@ -89,10 +88,8 @@ def test_trainer_uses_the_cache_when_it_qualifies_and_says_why_not(tiny_config, 
     data = SampleDataset([Sample(QA, [example_image]), Sample(QB, [example_image])] * 4)
 
     def train(config, name, **training):
-        run = RunConfig(model=config, stages=[StageSpec(name="adapt", llm="peft", lr=1e-2, lr_llm=1e-2, epochs=3)],
-                        training=TrainingSpec(batch_size=4, log_every=1, cache_features=False, **training))
-        Trainer(run, tmp_path / name, datasets={"adapt": data}).train()
-        return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "text_state_cache"]
+        return [r for r in train_tiny(config, tmp_path / name, data, epochs=3, **training)
+                if r["kind"] == "text_state_cache"]
 
     used = train(_config(tiny_config), "used")
     assert used[0]["cut"] == 1 and used[0]["check_diff"] == pytest.approx(0.0, abs=1e-6)

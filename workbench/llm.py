@@ -307,6 +307,14 @@ def num_decoder_layers(spec: LLMSpec) -> int | None:
     return getattr(config, "num_hidden_layers", None)
 
 
+def config_dropout(llm) -> str | None:
+    """The first dropout setting of a loaded LLM's config that is above 0 (its key), or None: passes that rely
+    on a step being deterministic (the text-state cache, the shared prefix) check it."""
+    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    return next((key for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop")
+                 if float(getattr(config, key, 0.0) or 0.0) > 0), None)
+
+
 def target_device(spec: LLMSpec) -> torch.device:
     """The device a model described on `meta` would really run on (its dtype, the memory it is costed against)."""
     return resolve_device(spec.device)

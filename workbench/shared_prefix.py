@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .data.prompting import IMAGE_TOKEN_INDEX
+from .llm import config_dropout
 from .peft_modules import base_llm, virtual_tokens
 
 MIN_PREFIX = 4
@@ -39,10 +40,7 @@ def why_not_shared(model) -> str | None:
     kernel = getattr(llm.config, "_attn_implementation", None) or "eager"
     if kernel not in MASKED_KERNELS:
         return f"the attention kernel ({kernel}) takes no explicit mask"
-    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
-    dropout = [k for k in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop")
-               if float(getattr(config, k, 0.0) or 0.0) > 0]
-    if dropout or any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.llm.modules()):
+    if config_dropout(llm) or any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.llm.modules()):
         return "the LLM uses dropout (LoRA's too): one mask for every row would not be the same computation"
     return None
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.prompting import IMAGE_TOKEN_INDEX
 from ..integrators.llm_layers import decoder_layers
+from ..llm import config_dropout
 from ..peft_modules import base_llm, virtual_tokens
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -42,10 +43,9 @@ def frozen_text_layers(model) -> tuple[int, str]:
         return 0, "PEFT virtual tokens are part of the sequence"
     if any(p.requires_grad for p in llm.get_input_embeddings().parameters()):
         return 0, "the input embeddings train"
-    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop"):
-        if float(getattr(config, key, 0.0) or 0.0) > 0:
-            return 0, f"the LLM uses dropout ({key})"
+    dropout = config_dropout(llm)
+    if dropout:
+        return 0, f"the LLM uses dropout ({dropout})"
     try:
         layers = decoder_layers(llm, "text-state cache")
     except Exception as e:  # not a Llama-like decoder

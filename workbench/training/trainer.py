@@ -134,8 +134,9 @@ class Trainer:
         groups = []
         for part, lr in (("integrator", stage.lr), ("llm", stage.lr_llm), ("encoder", stage.lr_encoder)):
             named = [(n, p) for n, p in getattr(self.model, part).named_parameters() if p.requires_grad]
-            lora_b = [p for n, p in named if part == "llm" and stage.loraplus_lr_ratio != 1 and ".lora_B." in n]
-            params = [p for n, p in named if not any(p is q for q in lora_b)]
+            plus = part == "llm" and stage.loraplus_lr_ratio != 1
+            lora_b = [p for n, p in named if plus and ".lora_B." in n]
+            params = [p for n, p in named if not (plus and ".lora_B." in n)]
             if params:
                 groups.append({"params": params, "lr": lr, "name": part})
             if lora_b:
