@@ -7,7 +7,6 @@ data position and refuses to continue if the trainable set differs from the chec
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -27,7 +26,6 @@ from ..images import load_image
 from ..paradigms import resolve_stages
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from .feature_cache import FeatureCache
-from .frozen_casts import FrozenLinearCasts
 from .memory import peak_memory_mb
 from .metrics import MetricsLog
 
@@ -51,7 +49,6 @@ class Trainer:
         self.metrics = MetricsLog(self.dir / "metrics.jsonl")
         self.skipped: Counter = Counter()
         self.cache: FeatureCache | None = None
-        self.frozen_casts: FrozenLinearCasts | None = None
         self._cancel = False
         self._last_save = time.monotonic()
 
@@ -111,7 +108,6 @@ class Trainer:
         except Cancelled:
             result["status"] = "cancelled"
         finally:
-            self._restore_frozen()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             # A process that exits with its process group alive can abort in the group's teardown (gloo's
@@ -195,7 +191,6 @@ class Trainer:
         if position is not None:
             s.epoch, s.skip, s.done = position["epoch"], position["batch"], position.get("stage_batches", 0)
         self._check_memory(dataset)
-        self.frozen_casts = FrozenLinearCasts.for_precision(self.model.llm, self._precision())
         # The scheduler is stepped here once per optimizer update, not prepared: accelerate's wrapper steps it once
         # per process, which would run the schedule `world` times too fast (the update count is per process).
         s.model, s.optimizer = self.accelerator.prepare(self.model, optimizer)
@@ -207,7 +202,6 @@ class Trainer:
                   updates=total_updates, trainable=len(trainable),
                   trainable_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                   total_params=sum(p.numel() for p in self.model.parameters()),
-                  frozen_casts=self.frozen_casts.count if self.frozen_casts else 0,
                   data_report=getattr(getattr(dataset, "report", None), "as_dict", lambda: {})())
         s.model.train()
         s.weights = self._balance(stage, dataset)
@@ -280,8 +274,7 @@ class Trainer:
         if score > s.best:
             s.best, s.patience = score, 0
             if self.accelerator.is_main_process:
-                with self._loaded_frozen():
-                    self.model.save_pretrained(self.dir / "best")
+                self.model.save_pretrained(self.dir / "best")
         else:
             s.patience += 1
         (stop,) = self._agree(bool(patience_limit) and s.patience >= patience_limit)
@@ -296,7 +289,6 @@ class Trainer:
         if s.eval_dataset is not None:
             result["eval"] = self._evaluate(s.eval_dataset, s.index, s.step)
         self._checkpoint(s, stage_done=True)
-        self._restore_frozen()
         return result
 
     # ------------------------------------------------------------------ helpers
@@ -502,19 +494,8 @@ class Trainer:
             info = {"stage": s.index, "global_step": s.step, "epoch": s.epoch, "batch": batch,
                     "stage_batches": s.done, "trainable": s.trainable, "stage_done": False, "time": time.time(),
                     "stage_seconds": s.seconds()}
-        with self._loaded_frozen():
-            path = save_checkpoint(self.dir, self.model, s.optimizer, s.scheduler, info, self.run.training.keep_last)
+        path = save_checkpoint(self.dir, self.model, s.optimizer, s.scheduler, info, self.run.training.keep_last)
         self._log("checkpoint", path=path.name, step=s.step, stage=info["stage"])
-
-    def _restore_frozen(self) -> None:
-        """The frozen weights as loaded again (a stage's casts end with it)."""
-        if self.frozen_casts is not None:
-            self.frozen_casts.restore()
-            self.frozen_casts = None
-
-    def _loaded_frozen(self):
-        """The frozen weights as loaded inside the block: what a save must write."""
-        return self.frozen_casts.restored() if self.frozen_casts is not None else contextlib.nullcontext()
 
     def _precision(self) -> str:
         from ..llm import training_precision
