@@ -379,7 +379,6 @@ class Trainer:
         if self.run.training.share_prefix is False:
             return False
         why = why_not_by_setting(self.run.training.share_prefix, self._precision()) or why_not_shared(self.model)
-        check = None
         if why is None:
             check = self._check_rewrite(dataset, dict(text_states=self.text_states, share_prefix=True),
                                         plain=dict(text_states=self.text_states))
