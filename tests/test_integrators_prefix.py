@@ -13,7 +13,6 @@ from safetensors.torch import load_model, save_model
 from workbench.config import IntegratorSpec
 from workbench.errors import ConfigError
 from workbench.integrators import INTEGRATORS, IntegratorContext, build_integrator
-from workbench.integrators import convolutional
 
 D = 12  # vision width
 H = 20  # LLM width
@@ -339,30 +338,3 @@ def test_global_token_trains(name):
     out = integ(torch.randn(2, 16, D))
     (out * torch.randn_like(out)).sum().backward()
     assert all(p.grad is not None and p.grad.any() for p in integ.global_token.parameters())
-
-
-@pytest.mark.parametrize("make_fast, make_plain, channels_in", [
-    (lambda: convolutional._DepthwiseConv2d(8, 3), lambda: torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), 8),
-    (lambda: convolutional._DepthwiseConv2d(8, 3, 2), lambda: torch.nn.Conv2d(8, 8, 3, 2, 1, groups=8, bias=False), 8),
-    (lambda: convolutional._PointwiseConv2d(8, 5), lambda: torch.nn.Conv2d(8, 5, 1), 8),
-    (lambda: convolutional._PointwiseConv2d(8, 5, bias=False), lambda: torch.nn.Conv2d(8, 5, 1, bias=False), 8),
-])
-def test_fast_convolutions_compute_what_conv2d_computes(make_fast, make_plain, channels_in):
-    """The CPU-friendly depthwise and 1×1 convolutions: the same state-dict keys, outputs and gradients as
-    `nn.Conv2d`, so models saved before them load, and under bf16 autocast they stay close to fp32."""
-    torch.manual_seed(0)
-    plain, fast = make_plain(), make_fast()
-    fast.load_state_dict(plain.state_dict())
-    x = torch.randn(3, channels_in, 7, 7)
-    x_plain, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_plain, y_fast = plain(x_plain), fast(x_fast)
-    assert y_fast.shape == y_plain.shape
-    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
-    weights = torch.randn_like(y_plain)
-    (y_plain * weights).sum().backward()
-    (y_fast * weights).sum().backward()
-    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_mixed = fast(x)
-    torch.testing.assert_close(y_mixed.float(), y_plain.detach(), rtol=0.05, atol=0.05)

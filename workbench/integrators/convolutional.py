@@ -78,46 +78,14 @@ class _LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class _DepthwiseConv2d(nn.Conv2d):
-    """A depthwise k×k convolution (one filter per channel) that runs in fp32 on a channels-last map on the CPU.
-
-    PyTorch's CPU depthwise kernels are many times slower in bf16, or on a channels-first map, than in fp32
-    channels-last (bench/conv_kernels.py), and under autocast the backward pass dominated a whole training
-    step of the convolutional abstractors. The result is the same convolution; other devices run it as is.
-    """
-
-    def __init__(self, channels: int, kernel: int = 3, stride: int = 1):
-        super().__init__(channels, channels, kernel, stride=stride, padding=kernel // 2, groups=channels, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
-        with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float().contiguous(memory_format=torch.channels_last))
-
-
-class _PointwiseConv2d(nn.Conv2d):
-    """A 1×1 convolution computed as the matrix product it is, over the channels at each position.
-
-    On the CPU, oneDNN's 1×1 convolution backward under bf16 autocast took many times longer than the same
-    product as a linear layer (bench/conv_kernels.py). Same weights and state-dict keys as `nn.Conv2d`.
-    """
-
-    def __init__(self, c_in: int, c_out: int, bias: bool = True):
-        super().__init__(c_in, c_out, 1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
-
-
 class _SqueezeExcite(nn.Module):
     """Channel gating from the global average (Hu et al., 2018); `gate` is sigmoid or hard-sigmoid."""
 
     def __init__(self, channels: int, reduced: int, act: type[nn.Module], gate: type[nn.Module]):
         super().__init__()
-        self.fc1 = _PointwiseConv2d(channels, reduced)
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
         self.act = act()
-        self.fc2 = _PointwiseConv2d(reduced, channels)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
         self.gate = gate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,12 +154,13 @@ class _RegBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv1 = nn.Sequential(_PointwiseConv2d(c_in, c_out, bias=False), _LayerNorm2d(c_out), nn.SiLU())
-        self.conv2 = nn.Sequential(_DepthwiseConv2d(c_out, 3), _LayerNorm2d(c_out), nn.SiLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _LayerNorm2d(c_out), nn.SiLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, padding=1, groups=c_out, bias=False),
+                                   _LayerNorm2d(c_out), nn.SiLU())
         self.se = _SqueezeExcite(c_out, max(1, round(c_in * 0.25)), nn.ReLU, nn.Sigmoid)
-        self.conv3 = nn.Sequential(_PointwiseConv2d(c_out, c_out, bias=False), _LayerNorm2d(c_out))
+        self.conv3 = nn.Sequential(nn.Conv2d(c_out, c_out, 1, bias=False), _LayerNorm2d(c_out))
         self.shortcut = (nn.Identity() if c_in == c_out else
-                         nn.Sequential(_PointwiseConv2d(c_in, c_out, bias=False), _LayerNorm2d(c_out)))
+                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _LayerNorm2d(c_out)))
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,12 +246,13 @@ class _InvertedResidual(nn.Module):
     def __init__(self, channels: int, stride: int):
         super().__init__()
         self.residual = stride == 1
-        self.dw = nn.Sequential(_DepthwiseConv2d(channels, 3, stride), _LayerNorm2d(channels), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=False),
+                                _LayerNorm2d(channels), nn.Hardswish())
         squeeze = channels // 4  # torchvision's _make_divisible(channels // 4, 8)
         reduced = max(8, (squeeze + 4) // 8 * 8)
         reduced += 8 if reduced < 0.9 * squeeze else 0
         self.se = _SqueezeExcite(channels, reduced, nn.ReLU, nn.Hardsigmoid)
-        self.pw = nn.Sequential(_PointwiseConv2d(channels, channels, bias=False), _LayerNorm2d(channels))
+        self.pw = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), _LayerNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pw(self.se(self.dw(x)))
