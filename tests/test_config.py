@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from workbench.config import (EncoderSpec, IntegratorSpec, ModelConfig, from_dict, load_model_config,
                               model_config_from_dict, save_model_config, to_dict)
@@ -121,3 +122,22 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_removed_option_at_its_old_default_still_loads_and_any_other_value_is_refused(tmp_path):
+    from workbench.config import RunConfig, StageSpec, load_run_config, save_run_config
+
+    saved = to_dict(RunConfig(stages=[StageSpec(name="adapt", llm="frozen", lr=5e-4)]))
+    saved["stages"][0]["loraplus_lr_ratio"] = 1.0  # what every run saved while LoRA+ was an option carries
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    run = load_run_config(path)
+    assert run.stages[0].lr == pytest.approx(5e-4)
+    assert "loraplus_lr_ratio" not in to_dict(run)["stages"][0]
+    save_run_config(run, path)
+    assert "loraplus_lr_ratio" not in path.read_text()
+    with pytest.raises(ConfigError) as e:
+        load_run_config(path, ["stages.0.loraplus_lr_ratio=4"])
+    message = str(e.value)
+    assert "stages[0].loraplus_lr_ratio' was removed" in message and "RESULTS.md" in message
+    assert "\n" not in message

@@ -185,27 +185,3 @@ def test_architecture_checks():
         attach_peft(Mystery(), PeftSpec(method="lora"))
     assert attach_peft(qwen, PeftSpec(method="none")) is qwen
     assert virtual_tokens(qwen) == 0 and peft_parameters(qwen) == []
-
-
-def test_loraplus_gives_loras_b_matrices_their_own_learning_rate(tiny_config, tmp_path):
-    from workbench.config import RunConfig, StageSpec
-    from workbench.training.trainer import Trainer
-
-    config = copy.deepcopy(tiny_config)
-    config.peft = PeftSpec(method="lora", r=4, alpha=8)
-    run = RunConfig(model=config, stages=[StageSpec(name="adapt", llm="peft", lr=1e-3, lr_llm=2e-4,
-                                                    loraplus_lr_ratio=16)]).validate()
-    torch.manual_seed(0)
-    trainer = Trainer(run, tmp_path / "run", model=VisionLanguageModel.from_config(config), datasets={})
-    trainer._apply_recipe(run.stages[0])
-    groups = {g["name"]: g for g in trainer._optimizer(run.stages[0]).param_groups}
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    assert groups["llm-lora-B"]["lr"] == pytest.approx(16 * 2e-4) and groups["llm"]["lr"] == pytest.approx(2e-4)
-    assert groups["llm-lora-B"]["params"] and all(".lora_B." in names[id(p)] for p in groups["llm-lora-B"]["params"])
-    assert not any(".lora_B." in names[id(p)] for p in groups["llm"]["params"])
-    assert groups["integrator"]["lr"] == pytest.approx(1e-3)
-    run.stages[0].loraplus_lr_ratio = 1.0
-    assert "llm-lora-B" not in {g["name"] for g in trainer._optimizer(run.stages[0]).param_groups}
-    run.stages[0].loraplus_lr_ratio = 0.0
-    with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
-        run.validate()

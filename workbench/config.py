@@ -211,6 +211,7 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    data = _drop_retired(cls, data, where)
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
@@ -219,6 +220,27 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+RETIRED_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
+    "StageSpec": {"loraplus_lr_ratio": (1.0, "LoRA+ did not pay: bench/RESULTS.md, issue 15")},
+}
+"""Removed options by spec class: name -> (the old default, which saved runs carry and which is dropped; why)."""
+
+
+def _drop_retired(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Saved configs still name options that were removed: their old default is dropped, any other value refused."""
+    retired = RETIRED_KEYS.get(cls.__name__, {})
+    kept = {}
+    for key, value in data.items():
+        if key not in retired:
+            kept[key] = value
+            continue
+        default, why = retired[key]
+        if value != default:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"'{name}' was removed ({why}); delete it from the config")
+    return kept
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -295,8 +317,6 @@ class StageSpec:
     lr: float = 1e-3
     """Learning rate of the integrator (and of in-LLM integrator modules)."""
     lr_llm: float = 2e-5
-    loraplus_lr_ratio: float = 1.0
-    """LoRA+ (Hayou et al., 2024): LoRA's B matrices learn at lr_llm times this (A at lr_llm); 1 is plain LoRA."""
     lr_encoder: float = 1e-5
     epochs: float = 1.0
     max_steps: int | None = None
@@ -380,8 +400,6 @@ class RunConfig:
         for s in self.stages or []:
             if s.llm not in ("frozen", "full", "peft"):
                 raise ConfigError(f"stage '{s.name}': llm must be frozen, full or peft, not '{s.llm}'")
-            if not s.loraplus_lr_ratio > 0:
-                raise ConfigError(f"stage '{s.name}': loraplus_lr_ratio must be above 0, not {s.loraplus_lr_ratio}")
             if s.llm == "peft" and self.model.peft.method == "none":
                 raise ConfigError(f"stage '{s.name}' trains PEFT modules but model.peft.method is none")
             if s.epochs <= 0 and not s.max_steps:

@@ -133,14 +133,9 @@ class Trainer:
     def _optimizer(self, stage: StageSpec):
         groups = []
         for part, lr in (("integrator", stage.lr), ("llm", stage.lr_llm), ("encoder", stage.lr_encoder)):
-            named = [(n, p) for n, p in getattr(self.model, part).named_parameters() if p.requires_grad]
-            plus = part == "llm" and stage.loraplus_lr_ratio != 1
-            lora_b = [p for n, p in named if plus and ".lora_B." in n]
-            params = [p for n, p in named if not (plus and ".lora_B." in n)]
+            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": lr, "name": part})
-            if lora_b:
-                groups.append({"params": lora_b, "lr": lr * stage.loraplus_lr_ratio, "name": "llm-lora-B"})
         if not groups:
             raise ConfigError(f"Stage '{stage.name}' has nothing to train")
         return torch.optim.AdamW(groups, weight_decay=self.run.training.weight_decay)
