@@ -67,8 +67,8 @@ def test_catalog_lists_examples_and_saved_runs_and_survives_broken_files(example
     assert broken.run is None and "not valid YAML" in broken.summary
     assert typo.run is None and "knd" in typo.error
     assert default_recipe(recipes) == "examples/fast_easyvqa.yaml"
-    assert fast.summary.startswith("direct: adapt trains integrator + lora (r=8 on q_proj, k_proj, v_proj, o_proj "
-                                   "layers 22–29) · llama_adapter on mobilenet_v2")
+    assert fast.summary.startswith("direct: adapt trains integrator + lora (r=8 on q_proj, k_proj, v_proj, o_proj, "
+                                   "gate_proj, up_proj, down_proj layers 22–29) · llama_adapter on mobilenet_v2")
     assert "budget 15 min" in fast.summary and "measured: 99.69%" in fast.summary
     assert "align trains integrator; instruct trains integrator + lora (r=8" in two.summary
     assert "align: task-captions (source=easy-vqa (split=train))" in two.summary and "measured: not measured" in two.summary
@@ -87,7 +87,8 @@ def test_edits_apply_to_a_copy_and_are_validated():
     fast = find_recipe(recipe_catalog(None), "examples/fast_easyvqa.yaml").run
     fields = recipe_fields(fast)
     assert fields["budget"] == 15 and fields["peft_layers"] == "22, 23, 24, 25, 26, 27, 28, 29"
-    assert fields["stages"] == [["adapt", "integrator + lora (r=8 on q_proj, k_proj, v_proj, o_proj layers 22–29)",
+    assert fields["stages"] == [["adapt", "integrator + lora (r=8 on q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                          "up_proj, down_proj layers 22–29)",
                                  "easy-vqa split=train", 20.0, 15.0, 0.001, 0.001]]
     edited = apply_edits(fast, {"name": "quick", "budget": 3, "peft_r": 4, "peft_layers": "0, 1",
                                 "data_kind": "llava", "data_options": {"json_path": "d.json"}})
