@@ -16,8 +16,9 @@ Columns: test accuracy (overall, yes/no, colour, shape), trainable parameters, v
 seconds per optimizer step (median over the run), optimizer steps done in the budget, peak memory of
 the training process.
 
-Rows are saved per budget in bench/.integrators/, so `--only a,b` re-runs some rows and the table in RESULTS.md
-merges them with the rows saved before (each row gives its date).
+Rows are saved per budget in bench/integrators_rows/ (small JSON files, committed with the table), so `--only a,b`
+re-runs some rows, on another day or in another session, and the table in RESULTS.md merges them with the rows
+saved before (each row gives its date and machine).
 
 Run: .venv/bin/python bench/integrators.py [--quick] [--minutes M] [--limit N] [--only a,b,c]
 """
@@ -38,7 +39,7 @@ CONFIG = "examples/configs/direct_lora_easyvqa.yaml"
 BASELINE_CONFIG = CONFIG
 MARGIN = 0.05  # "clearly beats the text-only baseline": at least 5 points of accuracy
 TARGET = 0.90  # issue 15: every family >= 90% within 10 minutes
-STATE = C.BENCH_DIR / ".integrators"  # one JSON per row and budget (not committed; RESULTS.md holds the table)
+STATE = C.BENCH_DIR / "integrators_rows"  # one JSON per row and budget, committed: the table is built from them
 
 
 def warm_feature_cache(config: dict, cache_dir: Path) -> float:
@@ -95,6 +96,16 @@ def describe_lora(config: dict) -> str:
     return f"LoRA r={peft.get('r')} on {modules}{where}"
 
 
+def machine_lines(rows: list[dict]) -> str:
+    """One machine line, or one per machine naming its rows when rows were measured on different machines."""
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        machines.setdefault(r["machine"], []).append(r["name"])
+    if len(machines) == 1:
+        return f"- machine: {next(iter(machines))}"
+    return "\n".join(f"- machine: {m} (rows: {', '.join(names)})" for m, names in machines.items())
+
+
 def report(config: dict, rows: list[dict], minutes: float, limit: int) -> tuple[str, int]:
     """The RESULTS.md section (every saved row of this budget, best first, the text-only floor last) and how many
     families reach TARGET."""
@@ -132,7 +143,7 @@ def report(config: dict, rows: list[dict], minutes: float, limit: int) -> tuple[
         "normalised exact match. Rows may come from separate invocations (`--only`); each gives its date and "
         "the share of the CPU other processes used meanwhile.",
         "",
-        f"- machine: {rows[0]['machine']}",
+        machine_lines(rows),
         f"- command: `.venv/bin/python bench/integrators.py --minutes {minutes:g} --limit {limit}` "
         "(or `--only a,b` per row)",
         "",
