@@ -20,7 +20,11 @@ Rows are saved per budget in bench/integrators_rows/ (small JSON files, committe
 re-runs some rows, on another day or in another session, and the table in RESULTS.md merges them with the rows
 saved before (each row gives its date and machine).
 
-Run: .venv/bin/python bench/integrators.py [--quick] [--minutes M] [--limit N] [--only a,b,c]
+`--set KEY=VALUE` (repeatable) tries one change on the rows named by `--only`, e.g.
+`--only resampler --set model.integrator.options.num_queries=16`: such rows are saved beside the others and listed
+in a second table of variants, never counted as the family's recommended recipe.
+
+Run: .venv/bin/python bench/integrators.py [--quick] [--minutes M] [--limit N] [--only a,b,c] [--set KEY=VALUE]
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def warm_feature_cache(config: dict, cache_dir: Path) -> float:
 def run_row(name: str, config: dict, tmp: Path, cache_dir: Path, args, text_only: bool = False) -> dict:
     row_tmp = tmp / name
     row_tmp.mkdir()
-    extra = [] if text_only else ["--integrator", name]
+    extra = [] if text_only else ["--integrator", name, *(f"--set={item}" for item in args.set)]
     run = R.train(config, row_tmp, R.fresh_home(row_tmp, share_features=cache_dir), name, extra)
     run_dir = Path(run["run_dir"])
     rows = R.metrics(run_dir)
@@ -80,6 +84,19 @@ def run_row(name: str, config: dict, tmp: Path, cache_dir: Path, args, text_only
     print(f"  {name:<14} accuracy {result['accuracy']:.4f} {result['by_type']}  {steps} steps, "
           f"{result['trainable_params']:,} trainable, {result['visual_tokens']} tokens", flush=True)
     return out
+
+
+def variant_name(name: str, overrides: list[str]) -> str:
+    """`resampler (num_queries=16)`: the row of one integrator with `--set` changes, named by their last key parts."""
+    return f"{name} ({'; '.join(item.split('=', 1)[0].rsplit('.', 1)[-1] + '=' + item.split('=', 1)[1] for item in overrides)})"
+
+
+def row_file(state: Path, name: str, overrides: list[str]) -> Path:
+    """The row's JSON file; a variant's name is made file-safe."""
+    if not overrides:
+        return state / f"{name}.json"
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in "+".join(overrides))
+    return state / f"{name}+{slug}.json"
 
 
 def row_state(minutes: float) -> Path:
@@ -111,21 +128,26 @@ def report(config: dict, rows: list[dict], minutes: float, limit: int) -> tuple[
     families reach TARGET."""
     from workbench.integrators import INTEGRATORS
 
+    variants = sorted((r for r in rows if r.get("overrides")), key=lambda r: r["name"])
+    rows = [r for r in rows if not r.get("overrides")]
     floor_row = next((r for r in rows if r["name"] == "text-only"), None)
     floor = floor_row["accuracy"] if floor_row else None
     headers = ["integrator", "family", "accuracy %", "yes/no %", "colour %", "shape %", "vs text-only (points)",
                "trainable params", "visual tokens", "s/step", "steps", "peak memory (MB)", "measured"]
     others = sorted((r for r in rows if r is not floor_row), key=lambda r: -r["accuracy"])
-    table = []
-    for r in others + ([floor_row] if floor_row else []):
+
+    def line(r: dict) -> list[str]:
         text_only = r is floor_row
-        family = "LoRA, no image" if text_only else INTEGRATORS.info(r["name"]).get("family", "")
-        table.append([r["name"], family, f"{100 * r['accuracy']:.2f}", *R.by_type(r),
-                      "" if text_only or floor is None else f"{100 * (r['accuracy'] - floor):+.1f}",
-                      f"{r['trainable_params']:,}",
-                      "0" if text_only else str(r["visual_tokens"]), f"{r['s_per_step']:.2f}", str(r["steps"]),
-                      f"{r['peak_mb']:.0f}", f"{r['date']} ({r['load']})"])
-    print(C.text_table(headers, table))
+        family = "LoRA, no image" if text_only else INTEGRATORS.info(r.get("integrator", r["name"])).get("family", "")
+        return [r["name"], family, f"{100 * r['accuracy']:.2f}", *R.by_type(r),
+                "" if text_only or floor is None else f"{100 * (r['accuracy'] - floor):+.1f}",
+                f"{r['trainable_params']:,}",
+                "0" if text_only else str(r["visual_tokens"]), f"{r['s_per_step']:.2f}", str(r["steps"]),
+                f"{r['peak_mb']:.0f}", f"{r['date']} ({r['load']})"]
+
+    table = [line(r) for r in others + ([floor_row] if floor_row else [])]
+    variant_table = [line(r) for r in variants]
+    print(C.text_table(headers, table + variant_table))
     beaten = [r for r in others if floor is not None and r["accuracy"] >= floor + MARGIN]
     reached = [r for r in others if r["accuracy"] >= TARGET]
     missing = [n for n in INTEGRATORS.names() if n not in {r["name"] for r in others}]
@@ -152,7 +174,12 @@ def report(config: dict, rows: list[dict], minutes: float, limit: int) -> tuple[
         f"{len(beaten)} of {len(others)} integrators beat the text-only floor by at least {100 * MARGIN:.0f} points; "
         f"{len(reached)} of {len(others)} reach {100 * TARGET:.0f}%."
         + (f" Not measured at this budget: {', '.join(missing)}." if missing else ""),
-    ])
+    ] + ([
+        "",
+        "Variants: one change to a family's recommended recipe (`--only NAME --set KEY=VALUE`), not counted above.",
+        "",
+        C.markdown_table(headers, variant_table),
+    ] if variants else []))
     return body, len(reached)
 
 
@@ -165,6 +192,8 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated integrators (default: all); the text-only floor runs too "
                                        "unless this budget already has one saved (name it to re-run it)")
     parser.add_argument("--report", action="store_true", help="train nothing: write the table from the saved rows")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="try one change on the --only rows (repeatable); saved as variants beside the table")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--keep", help="keep each row's trained model under this folder (bench/attention_localisation.py "
                                        "reads them from there)")
@@ -179,10 +208,15 @@ def main() -> int:
     unknown = [n for n in names if n != "text-only" and n not in INTEGRATORS.names()]
     if unknown:
         parser.error(f"unknown integrator(s): {', '.join(unknown)}")
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        parser.error(f"--set takes KEY=VALUE, got: {', '.join(bad)}")
+    if args.set and (not args.only or "text-only" in names):
+        parser.error("--set changes integrator rows: name them with --only (the text-only floor is not a variant)")
     state = row_state(args.minutes)
     if args.report:
         names = []
-    elif "text-only" not in names and not (state / "text-only.json").is_file():
+    elif "text-only" not in names and not (state / "text-only.json").is_file() and not args.set:
         names.insert(0, "text-only")
     elif "text-only" in names:
         names.insert(0, names.pop(names.index("text-only")))
@@ -205,7 +239,9 @@ def main() -> int:
             share = "unknown" if load.share is None else f"{100 * load.share:.0f}%"
             row.update(date=time.strftime("%Y-%m-%d", time.gmtime()), load=f"other load {share}", machine=C.machine_line(),
                        limit=args.limit)
-            (state / f"{name}.json").write_text(json.dumps(row, indent=2, default=str))
+            if args.set and not text_only:
+                row.update(name=variant_name(name, args.set), integrator=name, overrides=args.set)
+            row_file(state, name, [] if text_only else args.set).write_text(json.dumps(row, indent=2, default=str))
             results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
