@@ -132,7 +132,7 @@ def test_components_lists_every_registry_and_costs_integrators(tiny_config_file,
             # prefix integrators put visual tokens in the sequence; in-LLM ones may put none there
             assert row["visual_tokens"] > 0 or row["placement"] == "in_llm", row
     assert rows["mlp"]["visual_tokens"] == 4  # the tiny encoder's 2×2 grid
-    assert rows["qformer"]["visual_tokens"] == 33 and rows["gated_xattn"]["placement"] == "in_llm"
+    assert rows["qformer"]["visual_tokens"] == 17 and rows["gated_xattn"]["placement"] == "in_llm"
     assert main(["components"]) == 0
     out = capsys.readouterr().out
     for heading in ("encoders:", "integrators:", "llms:", "peft:", "paradigms:", "data:"):

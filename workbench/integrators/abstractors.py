@@ -166,7 +166,9 @@ class QFormer(_AttentionAbstractor):
     the encoder keeps one) and `last_attention.latent_self[i]` its query→query probabilities.
 
     Options:
-        num_queries: learned queries, one visual token each; the global token adds one (at least 1)
+        num_queries: learned queries, one visual token each; the global token adds one (at least 1); 16 by
+            default where BLIP-2 has 32: each visual token is paid for in every LLM step, so fewer of them make
+            many more steps in a lesson's minutes
         num_layers: transformer blocks the queries pass (at least 1)
         hidden_dim: width of the queries, divisible by num_heads (at least 1)
         num_heads: attention heads (at least 1)
@@ -179,7 +181,7 @@ class QFormer(_AttentionAbstractor):
         global_token: one more token first, the whole image average-pooled (see whole_image_token; on by default)
     """
 
-    def __init__(self, context: IntegratorContext, num_queries: int = 32, num_layers: int = 4,
+    def __init__(self, context: IntegratorContext, num_queries: int = 16, num_layers: int = 4,
                  hidden_dim: int = 256, num_heads: int = 4, cross_attention_every: int = 2, mlp_ratio: int = 4,
                  dropout: float = 0.0, input_norm: InputNorm = True, output_norm: bool = True,
                  position_embedding: bool = True, global_token: bool = True):
@@ -251,7 +253,8 @@ class PerceiverResampler(_AttentionAbstractor):
     the share of each latent's attention that went to the image rather than to the latents.
 
     Options:
-        num_latents: learned latents, one visual token each; the global token adds one (at least 1)
+        num_latents: learned latents, one visual token each; the global token adds one (at least 1); 16 by
+            default, as the Q-Former's queries: fewer visual tokens, more LLM steps per minute
         num_layers: resampler layers (at least 1)
         hidden_dim: width of the latents, divisible by num_heads (at least 1)
         num_heads: attention heads (at least 1)
@@ -261,7 +264,7 @@ class PerceiverResampler(_AttentionAbstractor):
         global_token: one more token first, the whole image average-pooled (see whole_image_token; on by default)
     """
 
-    def __init__(self, context: IntegratorContext, num_latents: int = 32, num_layers: int = 2,
+    def __init__(self, context: IntegratorContext, num_latents: int = 16, num_layers: int = 2,
                  hidden_dim: int = 256, num_heads: int = 4, ffn_mult: int = 4, input_norm: InputNorm = True,
                  output_norm: bool = True, global_token: bool = True):
         _check_attention_options(hidden_dim, num_heads, num_layers, num_latents, "num_latents", ffn_mult, 0.0)
