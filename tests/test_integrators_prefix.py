@@ -81,7 +81,7 @@ def test_defaults_build_at_real_widths(name):
 
 def test_default_token_counts_at_real_widths():
     c = ctx(7, 7, vision_dim=1280, llm_hidden=576)
-    expected = {"linear": 49, "mlp": 49, "qformer": 32 + 1, "resampler": 32 + 1, "c_abstractor": 16 + 1, "ldp": 16,
+    expected = {"linear": 49, "mlp": 49, "qformer": 16 + 1, "resampler": 16 + 1, "c_abstractor": 16 + 1, "ldp": 16,
                 "avg_pool": 16}  # + 1: the abstractors' whole-image token
     assert {name: build_integrator(IntegratorSpec(name=name), c).num_tokens for name in expected} == expected
 
