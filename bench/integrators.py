@@ -21,7 +21,7 @@ re-runs some rows, on another day or in another session, and the table in RESULT
 saved before (each row gives its date and machine).
 
 `--set KEY=VALUE` (repeatable) tries one change on the rows named by `--only`, e.g.
-`--only resampler --set model.integrator.options.num_queries=16`: such rows are saved beside the others and listed
+`--only qformer --set model.integrator.options.num_queries=32`: such rows are saved beside the others and listed
 in a second table of variants, never counted as the family's recommended recipe.
 
 Run: .venv/bin/python bench/integrators.py [--quick] [--minutes M] [--limit N] [--only a,b,c] [--set KEY=VALUE]
@@ -87,8 +87,13 @@ def run_row(name: str, config: dict, tmp: Path, cache_dir: Path, args, text_only
 
 
 def variant_name(name: str, overrides: list[str]) -> str:
-    """`resampler (num_queries=16)`: the row of one integrator with `--set` changes, named by their last key parts."""
-    return f"{name} ({'; '.join(item.split('=', 1)[0].rsplit('.', 1)[-1] + '=' + item.split('=', 1)[1] for item in overrides)})"
+    """`qformer (num_queries=32; seed=1)`: the row of one integrator with `--set` changes, named by their last key
+    parts."""
+    parts = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return f"{name} ({'; '.join(parts)})"
 
 
 def row_file(state: Path, name: str, overrides: list[str]) -> Path:
